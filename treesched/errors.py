@@ -1,0 +1,10 @@
+"""The one exception type treesched raises for bad input.
+
+Every user-facing check raises :class:`TreeschedError` (a ``ValueError``) with
+a message that names the problem, so callers can catch one type and the CLI
+can print one line instead of a traceback.
+"""
+
+
+class TreeschedError(ValueError):
+    """Bad input or an impossible request: the message says which and why."""

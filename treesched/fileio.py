@@ -1,0 +1,54 @@
+"""Atomic file writes: a reader never sees a half-written file.
+
+Data goes to a temporary file in the destination's folder, is flushed to
+disk, then renamed over the destination (``os.replace`` is atomic on POSIX
+and Windows).  On any failure the temporary file is removed and the
+destination is left as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import TreeschedError
+
+
+@contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Open a temporary sibling of ``path`` for writing; rename it on success."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise TreeschedError(f"cannot write {path}: folder {folder} does not exist")
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                                             dir=folder)
+    except OSError as error:
+        raise TreeschedError(f"cannot write {path}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(handle, mode) as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException as error:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        if isinstance(error, OSError):
+            raise TreeschedError(f"cannot write {path}: {error.strerror or error}") from None
+        raise
+
+
+def write_text(path, text: str) -> None:
+    with atomic_open(path, "w") as stream:
+        stream.write(text)
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as stream:
+        stream.write(data)

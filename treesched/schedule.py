@@ -1,0 +1,244 @@
+"""The schedule IR: an immutable, level-ordered merge DAG.
+
+Node ids: leaves are ``0 .. T-1`` (leaf ``t`` is position ``t``); merges
+follow, numbered by level and then by creation order, so the merges of
+level ``l`` are the contiguous id range ``level_offsets[l] ..
+level_offsets[l+1]``.  Every node covers the half-open span ``start ..
+stop`` of positions; a merge covers its left operand's span followed
+directly by its right operand's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .errors import TreeschedError
+from .patterns import PREFIX_STABLE
+
+
+def _frozen(values, dtype=np.int32) -> np.ndarray:
+    array = np.ascontiguousarray(values, dtype=dtype)
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Level:
+    """One batched step: ``out[k] = m(left[k], right[k])`` for every k.
+
+    All merges of a level are independent; a backend runs them as one step
+    over ``(batch × width)`` rows.  ``out`` is a contiguous id range.
+    """
+
+    index: int
+    left: np.ndarray
+    right: np.ndarray
+    out: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return len(self.out)
+
+
+class Schedule:
+    """A compiled schedule.  Build one with :func:`treesched.compile`.
+
+    Attributes (all int32 arrays are read-only):
+      length: number of positions T.
+      pattern: the prefix network it was built from.
+      outputs: the request it answers (``"all"``, ``"last"`` or k).
+      left, right: ``(num_nodes,)`` operand ids of each node, ``-1`` for leaves.
+      level: ``(num_nodes,)`` 0 for leaves, else 1 + max(operand levels).
+      start, stop: ``(num_nodes,)`` the half-open span each node covers.
+      output_positions: ``(K,)`` the requested positions, ascending.
+      output_nodes: ``(K,)`` the node whose span is ``0 .. position``.
+      level_offsets: ``(depth + 2,)`` id boundaries: level l holds ids
+        ``level_offsets[l] .. level_offsets[l+1]`` (level 0: the leaves).
+    """
+
+    def __init__(self, *, length, pattern, outputs, left, right, level, start, stop,
+                 output_positions, output_nodes):
+        set_ = object.__setattr__
+        set_(self, "length", int(length))
+        set_(self, "pattern", pattern)
+        set_(self, "outputs", outputs)
+        for name, values in (("left", left), ("right", right), ("level", level),
+                             ("start", start), ("stop", stop),
+                             ("output_positions", output_positions),
+                             ("output_nodes", output_nodes)):
+            set_(self, name, _frozen(values))
+        depth = int(self.level.max()) if len(self.level) else 0
+        offsets = np.searchsorted(self.level, np.arange(depth + 2), side="left")
+        set_(self, "level_offsets", _frozen(offsets))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Schedule is immutable")
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def num_nodes(self) -> int:
+        return len(self.left)
+
+    @property
+    def num_leaves(self) -> int:
+        return self.length
+
+    @property
+    def num_merges(self) -> int:
+        return self.num_nodes - self.length
+
+    @property
+    def depth(self) -> int:
+        """Number of merge levels (sequential steps a backend launches)."""
+        return len(self.level_offsets) - 2
+
+    @cached_property
+    def widths(self) -> np.ndarray:
+        """Merges per level, levels 1 .. depth."""
+        return _frozen(np.diff(self.level_offsets)[1:], np.int64)
+
+    @property
+    def widest(self) -> int:
+        return int(self.widths.max()) if self.depth else 0
+
+    @property
+    def prefix_stable(self) -> bool:
+        """True when the tree answering t does not depend on the length."""
+        return self.pattern in PREFIX_STABLE
+
+    # ----------------------------------------------------------------- levels
+    def level_step(self, index: int) -> Level:
+        """The batched step of merge level ``index`` (1-based)."""
+        if not 1 <= index <= self.depth:
+            raise TreeschedError(f"level {index} is outside 1..{self.depth}")
+        first, last = self.level_offsets[index], self.level_offsets[index + 1]
+        out = np.arange(first, last, dtype=np.int32)
+        out.setflags(write=False)
+        return Level(index, self.left[first:last], self.right[first:last], out)
+
+    @cached_property
+    def levels(self) -> tuple[Level, ...]:
+        """Every merge level in execution order, as (left, right, out) arrays."""
+        return tuple(self.level_step(index) for index in range(1, self.depth + 1))
+
+    # -------------------------------------------------------------- structure
+    def tree(self, node: int):
+        """The nested ``(left, right)`` tree of a node, leaves as positions."""
+        if self.left[node] < 0:
+            return int(node)
+        return (self.tree(int(self.left[node])), self.tree(int(self.right[node])))
+
+    def answer(self, position: int) -> int:
+        """The node answering ``position`` (must be a requested position)."""
+        hits = np.flatnonzero(self.output_positions == position)
+        if not len(hits):
+            raise TreeschedError(f"position {position} is not a requested output")
+        return int(self.output_nodes[hits[0]])
+
+    def validate(self) -> "Schedule":
+        """Check every structural invariant; raise TreeschedError on the first."""
+        n, length = self.num_nodes, self.length
+        leaves = np.arange(length)
+        merges = np.arange(length, n)
+        l, r = self.left[length:], self.right[length:]
+        checks = [
+            (n >= length, "fewer nodes than leaves"),
+            (np.all(self.left[:length] == -1) and np.all(self.right[:length] == -1),
+             "leaves must have no operands"),
+            (np.array_equal(self.start[:length], leaves)
+             and np.array_equal(self.stop[:length], leaves + 1), "leaf spans"),
+            (np.all((l >= 0) & (l < merges) & (r >= 0) & (r < merges)),
+             "operands must precede the merge"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise TreeschedError(f"invalid schedule: {what}")
+        checks = [
+            (np.all(self.level[:length] == 0), "leaf levels must be 0"),
+            (np.all(self.level[length:] ==
+                    np.maximum(self.level[l], self.level[r]) + 1),
+             "a merge's level must be one more than its operands' highest"),
+            (np.all(np.diff(self.level) >= 0), "nodes must be ordered by level"),
+            (np.all(self.stop[l] == self.start[r]), "operand spans must be adjacent"),
+            (np.all(self.start[length:] == self.start[l])
+             and np.all(self.stop[length:] == self.stop[r]),
+             "a merge's span must be its operands' spans joined"),
+            (np.all(np.diff(self.output_positions) > 0), "output positions must ascend"),
+            (len(self.output_nodes) == len(self.output_positions)
+             and np.all(self.start[self.output_nodes] == 0)
+             and np.all(self.stop[self.output_nodes] == self.output_positions + 1),
+             "each output node must span 0..position"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise TreeschedError(f"invalid schedule: {what}")
+        return self
+
+    # ------------------------------------------------------------ statistics
+    def stats(self, batch: int | None = None, hidden: int | None = None,
+              dtype="float32", num_layers: int = 2, cell: str = "lstm") -> dict:
+        """Counts, per-level widths and (given batch and hidden) memory."""
+        info = {
+            "length": self.length,
+            "pattern": self.pattern,
+            "outputs": self.outputs,
+            "nodes": self.num_nodes,
+            "leaves": self.num_leaves,
+            "merges": self.num_merges,
+            "depth": self.depth,
+            "widest_level": self.widest,
+            "level_widths": [int(w) for w in self.widths],
+        }
+        if batch is not None and hidden is not None:
+            from .lowering import activation_memory
+            info["memory"] = activation_memory(self, batch, hidden, dtype,
+                                               num_layers=num_layers, cell=cell)
+        return info
+
+    def memory(self, batch: int, hidden: int, dtype="float32", num_layers: int = 2,
+               cell: str = "lstm") -> dict:
+        """Activation bytes of a forward and of a forward+backward pass."""
+        from .lowering import activation_memory
+        return activation_memory(self, batch, hidden, dtype, num_layers=num_layers,
+                                 cell=cell)
+
+    # ---------------------------------------------------------------- exports
+    def to_json(self, indent=None) -> str:
+        from .export import schedule_to_json
+        return schedule_to_json(self, indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schedule":
+        from .export import schedule_from_json
+        return schedule_from_json(text)
+
+    def to_dot(self) -> str:
+        from .export import schedule_to_dot
+        return schedule_to_dot(self)
+
+    def to_networkx(self):
+        from .export import schedule_to_networkx
+        return schedule_to_networkx(self)
+
+    # ---------------------------------------------------------------- python
+    def _key(self):
+        return (self.length, self.pattern, self.outputs)
+
+    def __eq__(self, other):
+        if not isinstance(other, Schedule):
+            return NotImplemented
+        return self._key() == other._key() and all(
+            np.array_equal(getattr(self, name), getattr(other, name))
+            for name in ("left", "right", "level", "start", "stop",
+                         "output_positions", "output_nodes"))
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return (f"Schedule(length={self.length}, pattern={self.pattern!r}, "
+                f"outputs={self.outputs!r}, merges={self.num_merges}, depth={self.depth}, "
+                f"widest={self.widest})")
