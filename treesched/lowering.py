@@ -27,11 +27,11 @@ from .schedule import Schedule
 # Floats the reference executor caches per row for backward, in units of H
 # (see ops/lstm.py and ops/rnn.py for what each cache holds):
 #   state:  arrays per node state (h, c) or (h,)
-#   leaf:   leaf-encoder cache per position
+#   leaf:   leaf-encoder cache per position (lstm: tanh(c) + 3 gate activations)
 #   merge:  binary merge cache per merge
 #   unary:  cache per unary refinement layer per merge
 CELL_FLOATS = {
-    "lstm": {"state": 2, "leaf": 3, "merge": 2 + 5 + 2 + 1, "unary": 1 + 4 + 1 + 1},
+    "lstm": {"state": 2, "leaf": 1 + 3, "merge": 2 + 5 + 2 + 1, "unary": 1 + 4 + 1 + 1},
     "rnn": {"state": 1, "leaf": 0, "merge": 2 + 1, "unary": 1 + 1},
 }
 

@@ -1,0 +1,54 @@
+"""Read-out head (SPEC section 1): y = relu(h) @ head/w + head/b.
+
+``h`` may have any leading shape ``(..., H)`` (rows of a level, or (B, T, H));
+``y`` has the same leading shape and last axis O.
+
+Cache: ``r = relu(h)`` (..., H), a fresh array. It gives dW = r^T dy and, since
+relu'(h) = [h > 0] = [r > 0], also the mask for dh; h itself is not kept.
+"""
+
+from ._check import blocks_width, check_cache, check_dtype, param
+from ..errors import TreeschedError
+from .xp import array_module
+
+
+def head_param_shapes(hidden_size, output_size):
+    return {"head/w": (hidden_size, output_size), "head/b": (output_size,)}
+
+
+def head_forward(params, h, need_cache=True):
+    """-> ``(y, cache)``; cache is None if not need_cache."""
+    dtype = check_dtype("h", h)
+    if h.ndim < 1:
+        raise TreeschedError(f"h must have shape (..., H), got {h.shape}")
+    H = h.shape[-1]
+    O = blocks_width(params, "head/w", 1)
+    W = param(params, "head/w", (H, O), dtype)
+    b = param(params, "head/b", (O,), dtype)
+    xp = array_module(h)
+    r = xp.maximum(h, 0)
+    y = r @ W
+    y += b
+    return y, (r if need_cache else None)
+
+
+def head_backward(params, cache, dy):
+    """-> ``(dh, grads)`` with grads for head/w and head/b."""
+    check_cache("head_backward", cache)
+    r = cache
+    H = r.shape[-1]
+    O = blocks_width(params, "head/w", 1)
+    W = param(params, "head/w", (H, O), r.dtype)
+    if getattr(dy, "shape", None) != r.shape[:-1] + (O,) or dy.dtype != r.dtype:
+        raise TreeschedError(
+            f"dy must have shape {r.shape[:-1] + (O,)} and dtype {r.dtype}, "
+            f"got {getattr(dy, 'shape', None)} {getattr(dy, 'dtype', None)}"
+        )
+    # Every leading position is a row of one GEMM: flatten them (free for the
+    # contiguous cache) so dW = r^T @ dy sums over all of them at once.
+    r2 = r.reshape(-1, H)
+    dy2 = dy.reshape(-1, O)
+    grads = {"head/w": r2.T @ dy2, "head/b": dy2.sum(axis=0)}
+    dh = dy @ W.T
+    dh *= r > 0  # relu' = [h > 0]
+    return dh, grads
