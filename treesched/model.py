@@ -322,8 +322,10 @@ class PRLSTM:
     def loss_and_grads(self, x, targets, mask=None, lengths=None):
         """Softmax cross-entropy at the last ``K = targets.shape[1]`` positions.
 
-        The loss is ``sum(mask * xent) / B``: summed over output positions,
-        averaged over the batch, as the benchmark's training code does.
+        The loss is ``sum(mask * xent) / (B * K)``: with no mask, the mean
+        over batch and output positions, as the public training code of the
+        formal-language benchmark computes it (it trains on every output
+        position; its masks apply to accuracy only).
 
         Args:
           x: ``(B, T, D)`` inputs (the task's input tape).
@@ -347,7 +349,7 @@ class PRLSTM:
                    else self._check_same(mask, (batch, k), "mask"))
         outputs = "all" if k == length else k
         logits, runs = self._forward_with_tapes(x, lengths, outputs)
-        loss, dlogits = softmax_cross_entropy(logits, targets, weights / batch)
+        loss, dlogits = softmax_cross_entropy(logits, targets, weights / (batch * k))
         return loss, self._backward(runs, dlogits, batch), logits
 
     def _forward_with_tapes(self, x, lengths, outputs):
