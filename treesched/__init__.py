@@ -14,6 +14,7 @@ from .errors import TreeschedError
 from .patterns import PATTERNS
 from .schedule import Level, Schedule
 from .model import PRLSTM
+from . import tasks
 
 __version__ = "0.1.0"
 
