@@ -18,6 +18,7 @@ from .compiler import compile as compile_schedule
 from .compiler import normalize_outputs, validate_pattern
 from .errors import TreeschedError
 from .fileio import write_bytes
+from .interop import returned_as
 from .ops import get_cell, head_backward, head_forward, head_param_shapes
 from .ops import softmax_cross_entropy
 from .backends import get_backend
@@ -272,10 +273,16 @@ class PRLSTM:
             out[self.xp.asarray(rows)] = values
         return out
 
-    def encode(self, x, lengths=None, outputs="all"):
+    def encode(self, x, lengths=None, outputs="all", like=None):
         """States without the head: a tuple ``(h, c)`` (``(h,)`` for the rnn
         cell), each ``(B, K, H)``, for the requested positions (zero at
-        padded positions)."""
+        padded positions).
+
+        ``like``: None returns backend arrays (NumPy or CuPy); ``"input"``
+        returns them in the library and device of ``x`` (PyTorch, JAX, …);
+        or name a library / pass an array of it (see ``treesched.interop``).
+        """
+        source = x
         x, lengths = self._check_inputs(x, lengths)
         runs = self._run(x, lengths, outputs, need_grad=False)
         result = []
@@ -287,9 +294,15 @@ class PRLSTM:
                     value = value * valid[..., None]
                 parts.append(value)
             result.append(self._gather(runs, x.shape[0], parts))
-        return tuple(result)
+        return returned_as(tuple(result), like, source)
 
-    def forward(self, x, lengths=None, outputs="all"):
+    def last_state(self, x, lengths=None, like=None):
+        """Each sequence's final state ``(h, c)`` (``(h,)`` for rnn), each ``(B, H)``,
+        without the head: features for a downstream model."""
+        from .interop import last_state
+        return last_state(self, x, lengths, like=like)
+
+    def forward(self, x, lengths=None, outputs="all", like=None):
         """Logits ``(B, K, O)`` at the requested positions (``K = T`` for "all").
 
         Args:
@@ -297,7 +310,10 @@ class PRLSTM:
           lengths: optional ``(B,)`` real lengths of a right-padded batch;
             outputs at padded positions are zero.
           outputs: ``"all"``, ``"last"`` or k (each sequence's last k).
+          like: None (backend arrays), ``"input"`` (the library and device
+            of ``x``), or a library name / module / array of it.
         """
+        source = x
         x, lengths = self._check_inputs(x, lengths)
         runs = self._run(x, lengths, outputs, need_grad=False)
         logits = []
@@ -306,7 +322,7 @@ class PRLSTM:
             if valid is not None:
                 y *= valid[..., None]
             logits.append(y)
-        return self._gather(runs, x.shape[0], logits)
+        return returned_as(self._gather(runs, x.shape[0], logits), like, source)
 
     def forward_backward(self, x, dy, lengths=None, outputs="all"):
         """``(y, grads)``: logits and the gradient of ``sum(y * dy)``.
@@ -383,6 +399,14 @@ class PRLSTM:
         buffer = io.BytesIO()
         np.savez(buffer, __config__=np.array(json.dumps(config)), **self._params.numpy())
         write_bytes(path, buffer.getvalue())
+
+    @classmethod
+    def from_haiku_msgpack(cls, path, **options) -> "PRLSTM":
+        """Import a checkpoint of the paper's code (Haiku params serialized
+        with ``flax.serialization.to_bytes``); see :mod:`treesched.haiku_import`.
+        Needs msgpack only, not JAX."""
+        from .haiku_import import from_haiku_msgpack
+        return from_haiku_msgpack(path, model_class=cls, **options)
 
     @classmethod
     def load(cls, path, backend: str | None = None) -> "PRLSTM":

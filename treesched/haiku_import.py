@@ -1,0 +1,419 @@
+"""Import checkpoints written by the paper's code (JAX + Haiku, saved with flax).
+
+The paper's training code (tristangaudreault/pr-lstm) saves the parameters of
+``hk.transform(model).init`` — a dict ``{module_name: {"w": ..., "b": ...}}`` —
+with ``flax.serialization.to_bytes``: a msgpack map whose array leaves are
+msgpack ExtType code 1 holding a nested msgpack array ``(shape, dtype name,
+C-order bytes)`` (code 3: the same for a NumPy scalar, code 2: a complex
+scalar ``(real, imag)``; arrays over 2**30 bytes are split into a map
+``{"__msgpack_chunked_array__": True, "shape": {...}, "chunks": {...}}``).
+This module decodes that format with ``msgpack`` and NumPy alone — JAX,
+Haiku and flax need not be installed — and maps the Haiku module names onto
+the SPEC.md §1 parameter names:
+
+=====================================================  ===============
+Haiku module (``P`` = the core, ``parallel_recursive``)  treesched
+=====================================================  ===============
+``P/linear``                (leaf ``hk.Linear``)         ``leaf/*``
+``P/nary_lstm/linear``      (binary cell)                ``merge/*``
+``P/nary_lstm_k/linear``    (k-th unary cell)            ``unary_k/*``
+``linear``                  (read-out, outside ``P``)    ``head/*``
+=====================================================  ===============
+
+(``nary_rnn`` instead of ``nary_lstm`` for the PR-RNN.)  The core may sit
+under any prefix (``model/parallel_recursive``) and the read-out head may
+have any name outside the core; everything else is refused: a missing or
+unexpected module, a tensor of the wrong shape, a non-float dtype, a corrupt
+or truncated file — each with a message naming the tensor and the reason.
+
+Haiku's ``Linear`` computes ``x @ w + b`` and the paper's cells split the
+gates in the order (i, g, o, forget...) and concatenate ``(h_l, h_r)``, as
+SPEC.md §1 does, so every tensor is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TreeschedError
+
+# flax.serialization._MsgpackExtType
+EXT_NDARRAY = 1
+EXT_COMPLEX = 2
+EXT_NPSCALAR = 3
+CHUNKED_KEY = "__msgpack_chunked_array__"
+
+_CELL_RE = re.compile(
+    r"^(?P<core>(?:.*?/)?)(?:~/)?(?P<kind>nary_lstm|nary_rnn)(?:_(?P<index>\d+))?/(?:~/)?linear$")
+_GATES = {"lstm": (3, 5, 4), "rnn": (1, 1, 1)}  # leaf, merge, unary widths in units of H
+
+
+@dataclass
+class HaikuImport:
+    """What :func:`map_haiku_params` found in a checkpoint.
+
+    Attributes:
+      params: ``{SPEC name: np.ndarray}`` ready for ``PRLSTM.params``.
+      config: ``input_size, hidden_size, output_size, num_layers, cell, dtype``.
+      mapping: ``{SPEC name: "haiku_module/param"}`` (where each tensor came from).
+      core: the module prefix of the recursive core (``"parallel_recursive"``).
+    """
+
+    params: dict
+    config: dict
+    mapping: dict = field(default_factory=dict)
+    core: str = ""
+
+
+class _Ext:
+    """A msgpack extension value, decoded later when its tree path is known."""
+
+    __slots__ = ("code", "data")
+
+    def __init__(self, code, data):
+        self.code, self.data = code, bytes(data)
+
+
+# ------------------------------------------------------------------ decoding
+def _msgpack():
+    try:
+        import msgpack
+    except ModuleNotFoundError:  # pragma: no cover - msgpack is a dependency
+        raise TreeschedError("reading Haiku checkpoints needs the msgpack package "
+                             "(pip install msgpack)") from None
+    return msgpack
+
+
+def _dtype_from_name(name, where):
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).decode("ascii", "replace")
+    if name == "bfloat16":
+        return "bfloat16"
+    try:
+        return np.dtype(str(name))
+    except TypeError:
+        raise TreeschedError(f"{where}: unknown dtype {name!r}") from None
+
+
+def _decode_ndarray(data: bytes, where: str) -> np.ndarray:
+    msgpack = _msgpack()
+    try:
+        shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
+    except Exception as error:  # noqa: BLE001 - any unpack failure is a corrupt tensor
+        raise TreeschedError(f"{where}: corrupt array record ({error})") from None
+    if not (isinstance(shape, (list, tuple)) and all(isinstance(n, int) and n >= 0 for n in shape)
+            and isinstance(buffer, (bytes, bytearray))):
+        raise TreeschedError(f"{where}: corrupt array record (shape {shape!r})")
+    dtype = _dtype_from_name(dtype_name, where)
+    shape = tuple(shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    if dtype == "bfloat16":
+        if len(buffer) != 2 * count:
+            raise TreeschedError(f"{where}: truncated data: {len(buffer)} bytes for bfloat16 "
+                                 f"shape {shape} (needs {2 * count})")
+        # bfloat16 is the top half of a float32: widen exactly.
+        bits = np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    if dtype.hasobject:
+        raise TreeschedError(f"{where}: object arrays are not supported")
+    if len(buffer) != dtype.itemsize * count:
+        raise TreeschedError(
+            f"{where}: truncated data: {len(buffer)} bytes for {dtype.name} shape {shape} "
+            f"(needs {dtype.itemsize * count})")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _materialize(value, where: str):
+    """Turn ``_Ext`` leaves and chunked-array maps into NumPy arrays (recursively)."""
+    if isinstance(value, _Ext):
+        if value.code == EXT_NDARRAY:
+            return _decode_ndarray(value.data, where)
+        if value.code == EXT_NPSCALAR:
+            return _decode_ndarray(value.data, where)[()]
+        if value.code == EXT_COMPLEX:
+            real, imag = _msgpack().unpackb(value.data)
+            return complex(real, imag)
+        raise TreeschedError(f"{where}: unknown msgpack extension type {value.code}")
+    if isinstance(value, dict):
+        if value.get(CHUNKED_KEY) is True:
+            return _unchunk(value, where)
+        return {str(key): _materialize(item, f"{where}/{key}" if where else str(key))
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_materialize(item, f"{where}/{index}") for index, item in enumerate(value)]
+    return value
+
+
+def _unchunk(value: dict, where: str) -> np.ndarray:
+    try:
+        shape_map, chunk_map = value["shape"], value["chunks"]
+        shape = tuple(int(shape_map[str(i)]) for i in range(len(shape_map)))
+        chunks = [_materialize(chunk_map[str(i)], f"{where}/chunks/{i}")
+                  for i in range(len(chunk_map))]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise TreeschedError(f"{where}: corrupt chunked array record") from None
+    if not chunks or not all(isinstance(chunk, np.ndarray) for chunk in chunks):
+        raise TreeschedError(f"{where}: corrupt chunked array record")
+    flat = np.concatenate([chunk.reshape(-1) for chunk in chunks])
+    if flat.size != int(np.prod(shape, dtype=np.int64)):
+        raise TreeschedError(f"{where}: chunked array holds {flat.size} values for shape {shape}")
+    return flat.reshape(shape)
+
+
+def decode_msgpack(data: bytes, source: str = "checkpoint"):
+    """Decode ``flax.serialization.to_bytes`` output into a tree of NumPy arrays.
+
+    Equivalent to ``flax.serialization.msgpack_restore`` without JAX. Raises
+    :class:`TreeschedError` on corrupt or truncated input.
+    """
+    msgpack = _msgpack()
+    try:
+        tree = msgpack.unpackb(data, ext_hook=_Ext, raw=False, strict_map_key=False)
+    except msgpack.exceptions.ExtraData:
+        raise TreeschedError(
+            f"{source} is not a valid msgpack file: trailing bytes after the first value "
+            "(corrupt, or not written by flax.serialization.to_bytes)") from None
+    except Exception as error:  # noqa: BLE001 - OutOfData, FormatError, ValueError ...
+        text = str(error) or type(error).__name__
+        if "incomplete" in text or "OutOfData" in text:
+            text = "the file is truncated"
+        raise TreeschedError(f"{source} is not a valid msgpack file: {text}") from None
+    return _materialize(tree, "")
+
+
+def read_haiku_msgpack(path) -> dict:
+    """``{module: {param: np.ndarray}}`` from a flax-serialized Haiku params file.
+
+    No JAX needed. Validates the file and the tree structure (a map of modules,
+    each a map of arrays); it does not check names or shapes — see
+    :func:`map_haiku_params`.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TreeschedError(f"checkpoint {path} does not exist") from None
+    except IsADirectoryError:
+        raise TreeschedError(f"checkpoint {path} is a folder, not a file") from None
+    except OSError as error:
+        raise TreeschedError(f"cannot read checkpoint {path}: {error.strerror or error}") from None
+    if not data:
+        raise TreeschedError(f"checkpoint {path} is empty")
+    tree = decode_msgpack(data, f"checkpoint {path}")
+    if not isinstance(tree, dict):
+        raise TreeschedError(
+            f"checkpoint {path} holds a {type(tree).__name__}, not a Haiku parameter dict "
+            "{module: {name: array}}")
+    # A state dict saved as {"params": {...}} (e.g. a train state) is accepted too.
+    if set(tree) == {"params"} and isinstance(tree["params"], dict):
+        tree = tree["params"]
+    if not tree:
+        raise TreeschedError(f"checkpoint {path} holds no parameters")
+    for module, params in tree.items():
+        if isinstance(params, np.ndarray):
+            raise TreeschedError(
+                f"checkpoint {path}: top-level entry {module!r} is an array, not a Haiku module "
+                "(expected {module: {'w': array, 'b': array}})")
+        if not isinstance(params, dict):
+            raise TreeschedError(
+                f"checkpoint {path}: module {module!r} is a {type(params).__name__}, not a map of "
+                "parameters")
+        for name, value in params.items():
+            if not isinstance(value, np.ndarray):
+                raise TreeschedError(
+                    f"checkpoint {path}: tensor '{module}/{name}' is a {type(value).__name__}, "
+                    "not an array")
+    return tree
+
+
+# ------------------------------------------------------------------ mapping
+def _linear(tree, module, spec, what):
+    """The (w, b) pair of one hk.Linear module, checked for names, rank and dtype."""
+    params = tree[module]
+    names = set(params)
+    if "w" not in names:
+        raise TreeschedError(f"module '{module}' ({what}) has no weight 'w'")
+    if "b" not in names:
+        raise TreeschedError(
+            f"module '{module}' ({what}) has no bias 'b' (hk.Linear(with_bias=False) is not "
+            "the paper's model)")
+    extra = sorted(names - {"w", "b"})
+    if extra:
+        raise TreeschedError(f"module '{module}' ({what}) has unexpected tensors "
+                             f"{', '.join(repr(e) for e in extra)}; an hk.Linear has only w and b")
+    out = {}
+    for name, rank in (("w", 2), ("b", 1)):
+        value = params[name]
+        where = f"tensor '{module}/{name}' (-> {spec}/{name})"
+        if value.dtype.kind != "f":
+            raise TreeschedError(f"{where} has dtype {value.dtype}; parameters must be floating point")
+        if value.ndim != rank:
+            raise TreeschedError(f"{where} has shape {value.shape}; expected a rank-{rank} array")
+        out[name] = value
+    return out
+
+
+def _find_core(tree):
+    """(core prefix, cell kind, {layer index: module}) from the cell module names."""
+    cells = {}
+    for module in tree:
+        match = _CELL_RE.match(module)
+        if match:
+            core = match["core"]
+            cells.setdefault((core, match["kind"]), {})[int(match["index"] or 0)] = module
+    if not cells:
+        raise TreeschedError(
+            "missing module: no PR-LSTM cell found (expected '<core>/nary_lstm/linear' or "
+            "'<core>/nary_rnn/linear', as the paper's ParallelRecursive creates); modules "
+            f"present: {', '.join(sorted(tree))}")
+    if len(cells) > 1:
+        found = ", ".join(f"{kind} cells under {core.rstrip('/') or '(top level)'!r}"
+                          for core, kind in sorted(cells))
+        raise TreeschedError(f"unexpected extra modules: more than one recursive core ({found})")
+    (core, kind), layers = next(iter(cells.items()))
+    for index in range(max(layers) + 1):
+        if index not in layers:
+            base = f"{core}{kind}" + (f"_{index}" if index else "")
+            raise TreeschedError(
+                f"missing module '{base}/linear': cell layers must be numbered 0..{max(layers)} "
+                f"without gaps (found {', '.join(layers[k] for k in sorted(layers))})")
+    return core, kind, layers
+
+
+def map_haiku_params(tree: dict, source: str = "checkpoint") -> HaikuImport:
+    """Map a Haiku params tree (``{module: {"w", "b"}}``) to SPEC.md §1 names.
+
+    Infers the cell (``lstm``/``rnn``), the input, hidden and output sizes and
+    ``num_layers`` from module names and shapes; refuses anything that is not
+    exactly the paper's PR-LSTM / PR-RNN plus a read-out ``hk.Linear``.
+    """
+    try:
+        return _map(tree)
+    except TreeschedError as error:
+        raise TreeschedError(f"{source}: {error}") from None
+
+
+def _map(tree):
+    core, kind, layers = _find_core(tree)
+    cell = kind.split("_")[1]  # nary_lstm -> lstm
+    core_label = core.rstrip("/") or "(top level)"
+    leaf_candidates = [f"{core}linear", f"{core}~/linear"]
+    leaf_module = next((m for m in leaf_candidates if m in tree), None)
+    if leaf_module is None:
+        raise TreeschedError(
+            f"missing module '{core}linear': the leaf encoder hk.Linear of the core {core_label!r}")
+    core_modules = {leaf_module, *layers.values()}
+    rest = [m for m in tree if m not in core_modules]
+    inside = sorted(m for m in rest if core and m.startswith(core))
+    if inside:
+        raise TreeschedError(
+            f"unexpected extra module{'s' if len(inside) > 1 else ''} inside the core "
+            f"{core_label!r}: {', '.join(repr(m) for m in inside)} (the paper's model has only "
+            f"'{leaf_module}' and the {kind} cells)")
+    if not rest:
+        raise TreeschedError(
+            f"missing module: no read-out head (the paper's model applies hk.Linear(output_size) "
+            f"to relu(h) outside {core_label!r}); modules present: {', '.join(sorted(tree))}")
+    if len(rest) > 1:
+        raise TreeschedError(
+            f"unexpected extra modules {', '.join(repr(m) for m in sorted(rest))}: expected one "
+            "read-out head hk.Linear besides the recursive core")
+    head_module = rest[0]
+
+    leaf = _linear(tree, leaf_module, "leaf", "leaf encoder")
+    merge = _linear(tree, layers[0], "merge", "binary merge cell")
+    unary = [_linear(tree, layers[k], f"unary_{k}", f"unary cell {k}")
+             for k in range(1, len(layers))]
+    head = _linear(tree, head_module, "head", "read-out head")
+
+    leaf_gates, merge_gates, unary_gates = _GATES[cell]
+    rows = merge["w"].shape[0]
+    if rows % 2:
+        raise TreeschedError(
+            f"tensor '{layers[0]}/w' (-> merge/w) has shape {merge['w'].shape}: its {rows} rows "
+            "are not concat(h_l, h_r) = 2 * hidden_size")
+    H = rows // 2
+    D = leaf["w"].shape[0]
+    O = head["w"].shape[1]
+    expected = [(leaf_module, "leaf", leaf, (D, leaf_gates * H)),
+                (layers[0], "merge", merge, (2 * H, merge_gates * H))]
+    expected += [(layers[k], f"unary_{k}", unary[k - 1], (H, unary_gates * H))
+                 for k in range(1, len(layers))]
+    expected.append((head_module, "head", head, (H, O)))
+    gate_names = {"leaf": "i, g, o", "merge": "i, g, o, f_l, f_r", "head": "logits"}
+    for module, spec, pair, shape in expected:
+        if pair["w"].shape != shape:
+            why = (f"hidden size {H} (from merge/w) and {cell} gates "
+                   f"{gate_names.get(spec, 'i, g, o, f')}" if cell == "lstm" and spec != "head"
+                   else f"hidden size {H} (from merge/w)")
+            raise TreeschedError(
+                f"tensor '{module}/w' (-> {spec}/w) has shape {pair['w'].shape}; expected {shape} "
+                f"for {why}")
+        if pair["b"].shape != shape[1:]:
+            raise TreeschedError(
+                f"tensor '{module}/b' (-> {spec}/b) has shape {pair['b'].shape}; expected "
+                f"{shape[1:]} to match '{module}/w' {shape}")
+
+    params, mapping = {}, {}
+    for module, spec, pair, _ in expected:
+        for name in ("w", "b"):
+            if not np.isfinite(pair[name]).all():
+                raise TreeschedError(
+                    f"tensor '{module}/{name}' (-> {spec}/{name}) contains NaN or infinity")
+            params[f"{spec}/{name}"] = np.array(pair[name])  # own, writable copy of the file's bytes
+            mapping[f"{spec}/{name}"] = f"{module}/{name}"
+    dtype = "float64" if all(value.dtype == np.float64 for value in params.values()) else "float32"
+    config = {"input_size": D, "hidden_size": H, "output_size": O, "num_layers": len(layers),
+              "cell": cell, "dtype": dtype}
+    return HaikuImport(params=params, config=config, mapping=mapping, core=core.rstrip("/"))
+
+
+def load_haiku_msgpack(path) -> HaikuImport:
+    """Read and map a checkpoint: :func:`read_haiku_msgpack` + :func:`map_haiku_params`."""
+    return map_haiku_params(read_haiku_msgpack(path), f"checkpoint {path}")
+
+
+def from_haiku_msgpack(path, *, pattern: str = "odd-even", backend: str = "numpy",
+                       dtype: str | None = None, model_class=None):
+    """A :class:`treesched.PRLSTM` holding the parameters of a paper checkpoint.
+
+    Args:
+      path: a ``.msgpack`` written by ``flax.serialization.to_bytes(params)``
+        where ``params = hk.transform(model).init(...)`` of the paper's model.
+      pattern: the schedule to run it on; ``"odd-even"`` (default) is the
+        ``jax.lax.associative_scan`` recursion the paper's code uses, the only
+        one that reproduces its outputs.
+      backend: ``"numpy"``, ``"numba"`` or ``"cupy"``.
+      dtype: ``"float32"`` or ``"float64"``; default: float64 if every tensor in
+        the file is float64, else float32 (float16/bfloat16 are widened).
+      model_class: the class to build (``PRLSTM`` or a subclass).
+
+    Sizes, cell and ``num_layers`` come from the file. Raises
+    :class:`TreeschedError` for anything that is not the paper's model.
+    """
+    return build_model(load_haiku_msgpack(path), pattern=pattern, backend=backend, dtype=dtype,
+                       model_class=model_class, source=f"checkpoint {path}")
+
+
+def build_model(found: HaikuImport, *, pattern: str = "odd-even", backend: str = "numpy",
+                dtype: str | None = None, model_class=None, source: str = "checkpoint"):
+    """A model from an already mapped checkpoint (see :func:`from_haiku_msgpack`)."""
+    if model_class is None:
+        from .model import PRLSTM as model_class
+    config = found.config
+    model = model_class(config["input_size"], config["hidden_size"], config["output_size"],
+                        num_layers=config["num_layers"], cell=config["cell"], pattern=pattern,
+                        backend=backend, dtype=dtype or config["dtype"])
+    try:
+        model.params = found.params
+    except TreeschedError as error:
+        raise TreeschedError(f"{source}: {error}") from None
+    return model
+
+
+__all__ = ["HaikuImport", "decode_msgpack", "read_haiku_msgpack", "map_haiku_params",
+           "load_haiku_msgpack", "from_haiku_msgpack", "build_model"]
