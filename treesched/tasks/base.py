@@ -110,7 +110,9 @@ class Task:
     # -- sampling ----
     def _draw_inputs(self, rng: np.random.Generator, batch_size: int,
                      length: int) -> np.ndarray:
-        raise NotImplementedError
+        """Input ids; by default every symbol uniformly and independently
+        (tasks with a grammar or structure override this)."""
+        return rng.integers(0, self.input_size, size=(batch_size, length))
 
     def _draw(self, rng: np.random.Generator, batch_size: int,
               length: int) -> tuple[np.ndarray, np.ndarray]:

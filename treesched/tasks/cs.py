@@ -121,9 +121,6 @@ class DuplicateString(Task):
         self.check_length(n)
         return 2 * int(n)
 
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, 2, size=(batch_size, length))
-
     def _labels(self, tokens):
         return np.concatenate([tokens, tokens], axis=1)
 
@@ -185,9 +182,6 @@ class OddsFirst(Task):
     def output_length(self, n):
         self.check_length(n)
         return int(n)
-
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, 2, size=(batch_size, length))
 
     def _labels(self, tokens):
         return np.concatenate([tokens[:, 1::2], tokens[:, 0::2]], axis=1)
@@ -314,16 +308,12 @@ class BucketSort(Task):
 
     name = "bucket_sort"
     level = "cs"
-    vocab_size = 5
     input_size = 5
     output_size = 5
 
     def output_length(self, n):
         self.check_length(n)
         return int(n)
-
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, self.vocab_size, size=(batch_size, length))
 
     def _labels(self, tokens):
         return np.sort(tokens, axis=1)

@@ -83,9 +83,6 @@ class ReverseString(Task):
         self.check_length(n)
         return int(n)
 
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, 2, size=(batch_size, length))
-
     def _labels(self, tokens):
         return tokens[:, ::-1].copy()
 

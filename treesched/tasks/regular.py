@@ -20,9 +20,6 @@ class EvenPairs(Task):
     input_size = 2
     output_size = 2
 
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, 2, size=(batch_size, length))
-
     def _labels(self, tokens):
         changes = np.count_nonzero(tokens[:, 1:] != tokens[:, :-1], axis=1)
         return (changes % 2)[:, None]
@@ -112,9 +109,6 @@ class ParityCheck(Task):
     level = "regular"
     input_size = 2
     output_size = 2
-
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, 2, size=(batch_size, length))
 
     def _labels(self, tokens):
         return (tokens.sum(axis=1) % 2)[:, None]
