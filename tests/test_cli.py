@@ -43,6 +43,9 @@ def test_compile_json_and_dot(tmp_path):
     assert result.exit_code == 0
     assert target.read_text().startswith("digraph")
     assert list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would
 
 
 def test_help_and_version():

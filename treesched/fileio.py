@@ -16,6 +16,12 @@ from pathlib import Path
 from .errors import TreeschedError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Open a temporary sibling of ``path`` for writing; rename it on success."""
@@ -29,6 +35,9 @@ def atomic_open(path, mode: str = "wb"):
     except OSError as error:
         raise TreeschedError(f"cannot write {path}: {error.strerror or error}") from None
     try:
+        # mkstemp creates 0600 files; give the result the permissions a plain
+        # open() would (0666 less the umask), since the rename keeps them.
+        os.chmod(temporary, 0o666 & ~_umask())
         with os.fdopen(handle, mode) as stream:
             yield stream
             stream.flush()
