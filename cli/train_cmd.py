@@ -1,0 +1,119 @@
+"""``treesched train``: train a PR-LSTM on a formal-language task."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from treesched.errors import TreeschedError
+
+
+def parse_int(text, what: str, minimum: int = 1) -> int:
+    try:
+        value = int(str(text).strip())
+    except (TypeError, ValueError):
+        raise TreeschedError(f"{what} must be an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise TreeschedError(f"{what} must be an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def parse_float(text, what: str, minimum: float = 0.0, strict: bool = False) -> float:
+    try:
+        value = float(str(text).strip())
+    except (TypeError, ValueError):
+        raise TreeschedError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise TreeschedError(f"{what} must be a finite number {bound}, got {text!r}")
+    return value
+
+
+def parse_backend(name):
+    from treesched.backends import BACKENDS, why_unavailable
+    from treesched.training import default_backend
+    if name is None:
+        return default_backend()
+    if name not in BACKENDS:
+        raise TreeschedError(f"unknown backend {name!r}; known backends: {', '.join(BACKENDS)}")
+    reason = why_unavailable(name)
+    if reason is not None:
+        raise TreeschedError(f"backend {name!r} is not available here: {reason}")
+    return name
+
+
+@click.command("train")
+@click.option("--task", metavar="NAME", default=None, help="Task name (see `treesched tasks`).")
+@click.option("--out", default=None, metavar="DIR", help="Run folder (created; required).")
+@click.option("--steps", metavar="N", default="1000000", show_default=True, help="Training steps.")
+@click.option("--hidden", metavar="H", default="256", show_default=True, help="Hidden size H.")
+@click.option("--num-layers", metavar="N", default="2", show_default=True,
+              help="1 merge layer + unary refinements (2: PR-LSTM; 1, 3: 0R, 2R).")
+@click.option("--pattern", metavar="NAME", default="odd-even", show_default=True, help="Merge schedule pattern.")
+@click.option("--cell", metavar="NAME", default="lstm", show_default=True, help="lstm or rnn.")
+@click.option("--dtype", metavar="NAME", default="float32", show_default=True, help="float32 or float64.")
+@click.option("--lr", metavar="X", default="1e-3", show_default=True, help="Adam learning rate.")
+@click.option("--batch", metavar="N", default="128", show_default=True, help="Batch size.")
+@click.option("--clip", metavar="X", default="1.0", show_default=True,
+              help="Global-norm gradient clipping (0 disables).")
+@click.option("--max-length", metavar="N", default="40", show_default=True,
+              help="Training lengths are drawn uniformly from 1..max-length.")
+@click.option("--seed", metavar="N", default="0", show_default=True, help="Seeds the init and the data.")
+@click.option("--backend", metavar="NAME", default=None,
+              help="numpy, numba or cupy [default: numba if available, else numpy].")
+@click.option("--checkpoint-every", metavar="N", default="1000", show_default=True,
+              help="Write the checkpoint every N steps (and at the end).")
+@click.option("--log-every", metavar="N", default="10", show_default=True,
+              help="Append to train_log.jsonl every N steps.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its last checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+def command(ctx, task, out, steps, hidden, num_layers, pattern, cell, dtype, lr, batch, clip,
+            max_length, seed, backend, checkpoint_every, log_every, resume, quiet):
+    """Train a PR-LSTM on a formal-language task (SPEC §4 protocol).
+
+    Writes config.json, model.npz, train_state.npz (checkpoints),
+    train_log.jsonl and training_curve.png into --out.  A killed run
+    continues with --resume to the same result as an uninterrupted one.
+
+    \b
+    Examples:
+      treesched train --task parity_check --steps 5000 --hidden 64 --out runs/parity
+      treesched train --out runs/parity --resume
+      treesched train --out runs/parity --resume --steps 8000
+    """
+    from treesched.training import TrainConfig, read_run_config, train
+
+    if out is None:
+        raise TreeschedError("--out DIR is required: the run folder")
+    backend = parse_backend(backend)
+    settings = dict(
+        steps=parse_int(steps, "--steps"), hidden=parse_int(hidden, "--hidden"),
+        num_layers=parse_int(num_layers, "--num-layers"), pattern=pattern, cell=cell,
+        dtype=dtype, lr=parse_float(lr, "--lr", strict=True), batch=parse_int(batch, "--batch"),
+        clip=parse_float(clip, "--clip"), max_length=parse_int(max_length, "--max-length"),
+        seed=parse_int(seed, "--seed", minimum=0))
+    every = parse_int(checkpoint_every, "--checkpoint-every")
+    log_every = parse_int(log_every, "--log-every")
+    if resume:
+        stored = TrainConfig.from_dict(dict(read_run_config(out)["train"]))
+        if task is not None and task != stored.task:
+            raise TreeschedError(f"cannot resume: {out} trains {stored.task!r}, not {task!r}")
+        # options given on the command line must agree with the run (steps may grow)
+        for name, value in settings.items():
+            source = ctx.get_parameter_source(name.replace("-", "_"))
+            if source is not None and source.name != "COMMANDLINE":
+                settings[name] = getattr(stored, name)
+        config = TrainConfig(task=stored.task, **settings)
+    else:
+        if task is None:
+            raise TreeschedError("--task is required (see `treesched tasks`)")
+        config = TrainConfig(task=task, **settings)
+    result = train(config, out, resume=resume, backend=backend, checkpoint_every=every,
+                   log_every=log_every, progress=not quiet)
+    rate = (result.step / result.seconds) if result.seconds > 0 else float("nan")
+    click.echo(f"{config.task}: step {result.step}/{result.steps}, loss {result.loss:.4f}, "
+               f"train accuracy {100 * result.accuracy:.1f}%, {result.seconds:.0f} s of "
+               f"training ({rate:.2f} steps/s); run folder {result.out}")
