@@ -234,11 +234,10 @@ class PRLSTM:
         for value in np.unique(lengths):
             rows = np.flatnonzero(lengths == value)
             value = int(value)
-            k = outputs if isinstance(outputs, str) else min(outputs, value)
             if isinstance(outputs, int) and outputs > value:
                 raise TreeschedError(
                     f"outputs={outputs} asks for more positions than a sequence of length {value}")
-            yield rows, x[self.xp.asarray(rows), :value], self.schedule(value, k)
+            yield rows, x[self.xp.asarray(rows), :value], self.schedule(value, outputs)
 
     @property
     def pattern_prefix_stable(self) -> bool:
