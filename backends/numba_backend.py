@@ -530,7 +530,7 @@ class NumbaBackend(NumpyBackend):
     @staticmethod
     def _leaf_chunks(ws, T, B, cols):
         """``(t0, t1, A)``: leaf positions in chunks whose (rows, cols) gate
-        block fits the level scratch ``X`` (leaves are not cached)."""
+        block fits the level scratch (leaves are not cached)."""
         flat = ws.X.reshape(-1)
         step = max(1, min(T, flat.size // (cols * B)))
         for t0 in range(0, T, step):
@@ -565,7 +565,7 @@ class NumbaBackend(NumpyBackend):
         np.copyto(xr.reshape(T, B, D), x.transpose(1, 0, 2))
         (Wl, bl), (W0, b0) = layers[0], layers[1]
         unary = layers[2:]
-        sh, scratch = ws.sh, ws.A
+        sh, scratch = ws.sh, ws.arrays.get("A")
 
         def rows(count, cols):
             return scratch[:count * cols].reshape(count, cols)
@@ -687,7 +687,10 @@ class NumbaBackend(NumpyBackend):
             ws.tape_ref = None
         names = ["leaf", "merge"] + [f"unary_{k}" for k in range(1, L)]
         out = {}
-        for name, (dWt, db) in zip(names, grads):
+        for name, pair in zip(names, grads):
+            if pair is None:  # no level ran this layer (a schedule without merges)
+                continue
+            dWt, db = pair
             out[f"{name}/w"], out[f"{name}/b"] = np.ascontiguousarray(dWt.T), db
         if dx is not None:
             dx = dx.reshape(T, B, D).transpose(1, 0, 2)
@@ -697,16 +700,21 @@ class NumbaBackend(NumpyBackend):
     def _nblk(self, rows):
         return max(1, min(numba.get_num_threads(), rows // 64))
 
+    def _numba_gemm(self, dtype):
+        """float32 GEMMs on Numba's threads; float64 (the gradient-checking
+        precision) takes NumPy's matmul and compiles no GEMM kernels."""
+        return self.numba_gemm and dtype == np.float32
+
     def _nn(self, X, W, out):
         """``out = X @ W``."""
-        if self.numba_gemm:
+        if self._numba_gemm(X.dtype):
             K.gemm_nn(X, W, out, self._nblk(X.shape[0]))
         else:
             np.matmul(X, W, out=out)
 
     def _nt(self, dA, W, out):
         """``out = dA @ W^T``."""
-        if self.numba_gemm:
+        if self._numba_gemm(dA.dtype):
             K.gemm_nt(dA, W, out, self._nblk(dA.shape[0]))
         else:
             np.matmul(dA, W.T, out=out)
@@ -720,7 +728,7 @@ class NumbaBackend(NumpyBackend):
         for the leaf (``X`` is (R, D), D tiny) about 15x faster.
         """
         dWt, db = acc
-        if self.numba_gemm:
+        if self._numba_gemm(dA.dtype):
             nk = _ksplit(dA.shape[0])
             partial = ws.scratch(f"partial{dWt.shape}", (KSPLIT_MAX,) + dWt.shape, dWt.dtype)
             colsum = ws.scratch(f"colsum{db.shape}", (KSPLIT_MAX,) + db.shape, db.dtype)
@@ -801,7 +809,7 @@ class NumbaBackend(NumpyBackend):
             add(0, xr[r0:r1], A)
             if need_dx:
                 self._nt(A, Wl, dx[r0:r1])
-        return grads, dx
+        return [g if done else None for g, done in zip(grads, started)], dx
 
     def _rnn_backward(self, L, H, layers, ws, plan, B, T, need_dx):
         dtype = ws.hs.dtype
@@ -836,7 +844,7 @@ class NumbaBackend(NumpyBackend):
         dleaf = dhs[:T].reshape(T * B, H)
         add(0, ws.xrows, dleaf)
         dx = dleaf @ layers[0][0].T if need_dx else None
-        return grads, dx
+        return [g if done else None for g, done in zip(grads, started)], dx
 
 
 __all__ = ["NumbaBackend", "FusedTape", "Workspace", "WorkspaceCache"]
