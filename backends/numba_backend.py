@@ -7,35 +7,49 @@ fraction of the time and memory.  Per merge level of ``R = width * B`` rows:
 forward (LSTM cell)
     1. ``gather_pair``: ``X = [h_l, h_r]`` into a preallocated ``(R, 2H)``
        buffer (one pass, parallel over rows);
-    2. one GEMM ``X @ merge/w`` (NumPy ``matmul(..., out=)`` → BLAS) straight
-       into the level's slice of the activation cache;
+    2. one GEMM ``X @ merge/w`` straight into the level's slice of the
+       activation cache (training) or a level scratch (inference);
     3. ``lstm_merge_fwd``: bias, the five gate nonlinearities, the gather of
-       ``c_l, c_r``, the cell update and the scatter of ``(h, c)``, one fused
-       kernel that overwrites the pre-activations with the activations;
-    4. per unary layer: one GEMM into its cache slice, one fused kernel.
+       ``c_l, c_r``, the cell update and the scatter of ``(h, c)`` (and, in
+       inference, of the answers), one fused kernel;
+    4. per unary layer: one GEMM, one fused kernel.
+    The leaf encoder (``x @ leaf/w`` with D ≤ 16 features) runs inside its
+    gate kernel: no GEMM, no (T·B, 3H) buffer.
 
 backward, levels in reverse
     per layer (top first) one fused kernel turns the cached activations into
     ``dA`` *in place* and writes the cell gradients; the weight gradient is
-    one GEMM per level over all rows (``X^T dA``), the input gradient one
-    GEMM (``dA W^T``).  ``h_l, h_r, c_l, c_r`` and each unary layer's input
-    ``h`` are gathered / recomputed from the node stores, not cached.  The
-    operand gradients of a level (``R`` rows) are summed into the node
-    gradients by ``accumulate_*``, which loops over the level's distinct
-    *target nodes* with a precomputed CSR of (consumer merge, side): no
-    atomics, no races, a fixed summation order, bitwise reproducible.
+    one GEMM per level over all rows (``dA^T X``, with the bias sum riding
+    along), the input gradient one GEMM (``dA W^T``).  ``h_l, h_r, c_l, c_r``,
+    the cells between layers, each unary layer's input ``h`` and the leaf
+    gates are gathered / recomputed, not cached.  The operand gradients of a
+    level (``R`` rows) are summed into the node gradients by
+    ``accumulate_*``, which loops over the level's distinct *target nodes*
+    with a precomputed CSR of (consumer merge, side): no atomics, no races,
+    a fixed summation order, bitwise reproducible.
 
-Memory.  Per merge the training cache keeps the gate activations
-(``5H`` + ``4H`` per unary layer) and the cell state between layers (``H``
-per unary layer); node states ``(h, c)`` and node gradients live in
-node-major stores.  Node gradients are never zero-filled: a node's first
-gradient is assigned, later ones added (the schedule says which is first).
-All of it lives in a *workspace* allocated once per (schedule, batch, dtype,
-cell, sizes) and reused by later calls (``NumbaBackend.workspaces``, an LRU
-bounded in entries and bytes).  A tape holds its workspace until its
-backward has run; a second forward on the same workspace before that gets a
-fresh one, so tapes never see each other's data.  Inference runs on the
-slot plan of ``treesched.lowering`` (only the live frontier is stored).
+GEMMs (float32).  They run on Numba's own threads, one single-threaded BLAS
+call per row block (``numba_kernels.gemm_*``), with the BLAS libraries
+limited to one thread during a pass (:class:`BlasThreads`, threadpoolctl).
+Left to its own threads, OpenBLAS's idle workers spin after each call and
+take the cores the next gate kernel needs: the forward pass at T = 512 ran
+2.0x the bare-GEMM time that way, 1.2x this way (same run, 2 cores).
+float64, the gradient-checking precision, and machines without
+threadpoolctl or scipy use NumPy's ``matmul`` (``numba_gemm = False``).
+
+Memory.  Per merge the training cache keeps only the gate activations
+(``5H`` + ``4H`` per unary layer); node states ``(h, c)`` and node gradients
+live in node-major stores.  Node gradients are never zero-filled: a node's
+first gradient is assigned, later ones added (the schedule says which is
+first).  All of it lives in a *workspace* allocated once per (schedule,
+batch, dtype, cell, sizes) and reused by later calls
+(``NumbaBackend.workspaces``, an LRU bounded in entries and bytes).  A tape
+holds its workspace until its backward has run; a second forward on the same
+workspace before that gets a fresh one, so tapes never see each other's
+data; a tape's backward runs once (it consumes the cache in place).
+Inference runs on the slot plan of ``treesched.lowering`` (only the live
+frontier is stored).  Result arrays are pooled too, but handed out again
+only once nothing references them (see :meth:`Workspace.output`).
 
 Cells without fused kernels (anything but the stock ``LSTMCell`` and
 ``RNNCell``) run on the generic NumPy path this class inherits.
@@ -90,12 +104,16 @@ FUSED_LEAF_MAX_D = 16
 
 
 # ------------------------------------------------------------------ BLAS
-KSPLIT_MAX = 8        # weight-gradient GEMMs: at most this many row blocks
-KSPLIT_ROWS = 2048    # ... of at least this many rows (depends on R only)
+KSPLIT_MAX = 8        # weight-gradient GEMMs: row blocks (K split) ...
+KSPLIT_ROWS = 8192    # ... one per this many rows, at least 2 from 512 rows on
 
 
 def _ksplit(rows: int) -> int:
-    return max(1, min(KSPLIT_MAX, rows // KSPLIT_ROWS))
+    """Row blocks of a weight-gradient GEMM: a function of R only, never of the
+    thread count, so results do not depend on it either."""
+    if rows < 512:
+        return 1
+    return max(2, min(KSPLIT_MAX, rows // KSPLIT_ROWS))
 
 
 class BlasThreads:
