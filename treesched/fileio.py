@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,3 +62,17 @@ def write_text(path, text: str) -> None:
 def write_bytes(path, data: bytes) -> None:
     with atomic_open(path, "wb") as stream:
         stream.write(data)
+
+
+def read_npz(path, what: str) -> dict:
+    """Every array of an ``.npz`` (no pickles), or a TreeschedError naming
+    ``what`` (e.g. "checkpoint") and why it cannot be read."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except FileNotFoundError:
+        raise TreeschedError(f"{what} {path} does not exist") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
+        raise TreeschedError(f"{what} {path} is corrupt or not a treesched .npz: {error}") from None

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import io
 import json
-import zipfile
 
 import numpy as np
 
 from .compiler import compile as compile_schedule
 from .compiler import normalize_outputs, validate_pattern
 from .errors import TreeschedError
-from .fileio import write_bytes
+from .fileio import read_npz, write_bytes
 from .interop import returned_as
 from .ops import get_cell, head_backward, head_forward, head_param_shapes
 from .ops import softmax_cross_entropy
@@ -433,13 +432,7 @@ class PRLSTM:
 
 def read_checkpoint(path) -> tuple[dict, dict]:
     """``(params, config)`` from a treesched ``.npz``, or a TreeschedError."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            contents = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise TreeschedError(f"checkpoint {path} does not exist") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
-        raise TreeschedError(f"checkpoint {path} is corrupt or not a treesched .npz: {error}") from None
+    contents = read_npz(path, "checkpoint")
     if "__config__" not in contents:
         raise TreeschedError(f"checkpoint {path} has no configuration: not written by treesched")
     try:

@@ -31,14 +31,13 @@ import json
 import math
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from . import tasks as tasks_lib
 from .errors import TreeschedError
-from .fileio import write_bytes, write_text
+from .fileio import read_npz, write_bytes, write_text
 from .model import DTYPES, PRLSTM
 from .optim import Adam
 from .progress import Progress
@@ -211,13 +210,7 @@ def save_state(path, model: PRLSTM, optimizer: Adam, step: int, rng: np.random.G
 
 def load_state(path) -> tuple[dict, dict]:
     """``(meta, arrays)`` of a train-state file, or a TreeschedError."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except FileNotFoundError:
-        raise TreeschedError(f"training state {path} does not exist") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as error:
-        raise TreeschedError(f"training state {path} is corrupt: {error}") from None
+    arrays = read_npz(path, "training state")
     try:
         meta = json.loads(str(arrays.pop("__meta__")))
     except (KeyError, json.JSONDecodeError):
