@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -93,19 +95,51 @@ def test_entry_point_exits_nonzero_without_traceback():
     assert process.stderr.strip() == "Error: length must be a positive integer, got 0"
 
 
+def _site_directories() -> list:
+    """Where this interpreter finds its installed packages (venv, system, user)."""
+    found = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        found.append(site.getusersitepackages())
+    return [path for path in found if Path(path).is_dir()]
+
+
 @pytest.mark.slow
 def test_non_editable_install_runs_the_cli(tmp_path):
-    """``pip install .`` (not editable) into a fresh venv gives a working CLI."""
+    """A wheel built from a copy of the source, installed into a fresh venv, gives
+    a working CLI from elsewhere.
+
+    The build uses only what the test extra declares (setuptools >= 70.1, which
+    builds wheels without the separate ``wheel`` package), through the running
+    interpreter, so it works the same in a fresh venv and with a bare system
+    Python.  The new venv sees the test environment's packages through a
+    ``.pth`` file (plain path lines: it does not activate their ``.pth``
+    hooks, so an editable treesched there stays invisible), and nothing else.
+    """
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", "runs", ".pytest_cache"))
+    wheels = tmp_path / "wheels"
+    environment = {**os.environ, "TMPDIR": str(tmp_path), "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+         "--no-cache-dir", "--quiet", "--wheel-dir", str(wheels), str(source)],
+        capture_output=True, text=True, env=environment)
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = wheels.glob("treesched-*.whl")
+
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(system_site_packages=False, with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    build = tmp_path / "build"
+    site_dir = Path(subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip())
+    (site_dir / "test_environment.pth").write_text("\n".join(_site_directories()) + "\n")
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet",
-         "--no-cache-dir", str(ROOT)],
-        capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp_path),
-                                             "PIP_BUILD": str(build)})
-    assert install.returncode == 0, install.stderr
+        [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-cache-dir",
+         "--quiet", str(wheel)],
+        capture_output=True, text=True, env=environment)
+    assert install.returncode == 0, install.stdout + install.stderr
+
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -120,8 +154,12 @@ def test_non_editable_install_runs_the_cli(tmp_path):
                             capture_output=True, text=True, cwd=work, env=env)
     assert result.returncode == 0, result.stderr
     assert "1013 merges" in result.stdout
+    # the CUDA sources are package data of the wheel (the CuPy backend reads them)
+    kernels = subprocess.run(
+        [str(python), "-c", "from treesched.backends import cuda_source; "
+         "print(len(cuda_source.module_source()))"], capture_output=True, text=True, cwd=work,
+        env=env)
+    assert kernels.returncode == 0 and int(kernels.stdout) > 1000, kernels.stderr
     # one namespace: no generic top-level packages were installed
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True).stdout.strip()
-    installed = {p.name for p in Path(site).iterdir()}
+    installed = {p.name for p in site_dir.iterdir()}
     assert not installed & {"ops", "backends", "cli", "tests"}
