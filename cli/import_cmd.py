@@ -29,7 +29,7 @@ def command(file, out, pattern, dtype):
 
     \b
     Examples:
-      treesched import-checkpoint saved/parity_check-pr_lstm.msgpack --out parity.npz
+      treesched import-checkpoint saved/parity_check-parallel_recursive.msgpack --out parity.npz
       treesched import-checkpoint ckpt.msgpack -o model.npz --dtype float64
     """
     if dtype not in ("auto", "float32", "float64"):

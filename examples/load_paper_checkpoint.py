@@ -1,14 +1,17 @@
 """Load a checkpoint written by the paper's code (JAX + Haiku, saved with flax) and run it.
 
-    python examples/load_paper_checkpoint.py saved/parity_check-pr_lstm.msgpack
+    python examples/load_paper_checkpoint.py saved/parity_check-parallel_recursive.msgpack
     python examples/load_paper_checkpoint.py            # builds a tiny demo checkpoint
 
 Reading the file needs only msgpack and NumPy. With no path, and JAX, Haiku
 and flax installed, the script first builds a small model with the module
-layout of the paper's ``ParallelRecursive`` (so Haiku names its parameters as
-the paper's code does), saves ``hk.transform(...).init`` with
-``flax.serialization.to_bytes``, imports it and checks treesched's outputs
-against Haiku's.
+structure of the paper's ``ParallelRecursive`` (the leaf ``hk.Linear`` made in
+``get_elems``, vmapped n-ary LSTM cells made in ``get_cell`` and merged by
+``jax.lax.associative_scan``, a read-out ``hk.Linear`` on ``relu(h)``), so its
+parameters carry the paper's names
+(``parallel_recursive/~get_cell/nary_lstm_1/linear/w``, ...).  It saves
+``hk.transform(...).init`` with ``flax.serialization.to_bytes``, imports it
+and checks treesched's outputs against Haiku's.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from treesched.haiku_import import from_haiku_msgpack, load_haiku_msgpack
 
 
 def build_demo_checkpoint(path: Path, input_size=3, hidden=8, outputs=2, num_layers=2):
-    """Write a tiny paper-layout checkpoint; return a function giving Haiku's logits."""
+    """Write a tiny checkpoint of the paper's model; return a function giving Haiku's logits."""
     import haiku as hk
     import jax
     import jax.numpy as jnp
@@ -46,19 +49,24 @@ def build_demo_checkpoint(path: Path, input_size=3, hidden=8, outputs=2, num_lay
             return h, hk.LSTMState(h, c)
 
     class ParallelRecursive(hk.Module):
-        def __call__(self, xs):
-            cells = [jax.vmap(NaryLSTM(hidden), in_axes=1, out_axes=1) for _ in range(num_layers)]
-
-            def merge(left, right):
-                _, state = cells[0](left, right)
-                for cell in cells[1:]:
-                    _, state = cell(state)
-                return state
-
+        def get_elems(self, xs):  # the leaf encoder: one state per position
             i, g, o = jnp.split(hk.Linear(3 * hidden)(xs), 3, axis=-1)
             c = jax.nn.sigmoid(i) * jnp.tanh(g)
-            leaves = hk.LSTMState(jax.nn.sigmoid(o) * jnp.tanh(c), c)
-            return jax.lax.associative_scan(merge, leaves, axis=1).hidden
+            return hk.LSTMState(jax.nn.sigmoid(o) * jnp.tanh(c), c)
+
+        def get_cell(self):  # the merge cell: binary layer, then unary refinements
+            layers = [jax.vmap(NaryLSTM(hidden), in_axes=1, out_axes=1)
+                      for _ in range(num_layers)]
+
+            def merge(left, right):
+                _, state = layers[0](left, right)
+                for layer in layers[1:]:
+                    _, state = layer(state)
+                return state
+            return merge
+
+        def __call__(self, xs):
+            return jax.lax.associative_scan(self.get_cell(), self.get_elems(xs), axis=1).hidden
 
     def network(x):
         return hk.Linear(outputs)(jax.nn.relu(ParallelRecursive()(x)))

@@ -1,10 +1,14 @@
 """Import of checkpoints written by the paper's code (Haiku params saved with flax).
 
 The reference model below is written for this test with the module structure
-of the paper's ``src/pr_lstm/haiku`` (a ``ParallelRecursive`` core whose
-``NaryLSTM``/``NaryRNN`` cells are created, vmapped over time, before the
-leaf ``hk.Linear``; a read-out ``hk.Linear`` on ``relu(h)`` outside the core),
-so Haiku gives the same parameter names. Outputs must match treesched's.
+of the published ``src/pr_lstm/haiku/model.py`` of tristangaudreault/pr-lstm:
+a ``ParallelRecursive`` core whose method ``get_elems`` creates the leaf
+``hk.Linear`` and whose method ``get_cell`` creates the ``NaryLSTM`` /
+``NaryRNN`` cells (each ``jax.vmap``-ed over time) that
+``jax.lax.associative_scan`` applies as the merge, then a read-out
+``hk.Linear`` on ``relu(h)`` outside the core. Haiku therefore names the
+parameters exactly as the paper's checkpoints do — the test pins those names —
+and treesched's outputs must match Haiku's.
 """
 
 import subprocess
@@ -19,18 +23,37 @@ from click.testing import CliRunner
 
 import treesched
 from treesched.errors import TreeschedError
-from treesched.haiku_import import (decode_msgpack, from_haiku_msgpack, load_haiku_msgpack,
-                                    read_haiku_msgpack)
+from treesched.haiku_import import (build_model, decode_msgpack, from_haiku_msgpack,
+                                    load_haiku_msgpack, read_haiku_msgpack)
 
 ROOT = Path(__file__).resolve().parents[1]
 D, H, O = 5, 16, 3
 LENGTHS = (1, 2, 7, 41)
-CONFIGS = [("lstm", 1), ("lstm", 2), ("lstm", 3), ("rnn", 2)]
+CONFIGS = [("lstm", 1), ("lstm", 2), ("lstm", 3), ("rnn", 1), ("rnn", 2)]
+# float32 on both sides; XLA and NumPy sum the GEMMs in different orders.
+RTOL, ATOL = 1e-6, 1e-6
+
+# The module names of the paper's checkpoints (PR-LSTM with two unary layers,
+# PR-RNN with one), written out so that neither the reference model nor the
+# importer can drift from them unnoticed.
+PUBLISHED_LSTM3 = {
+    "parallel_recursive/~get_elems/linear",
+    "parallel_recursive/~get_cell/nary_lstm/linear",
+    "parallel_recursive/~get_cell/nary_lstm_1/linear",
+    "parallel_recursive/~get_cell/nary_lstm_2/linear",
+    "linear",
+}
+PUBLISHED_RNN2 = {
+    "parallel_recursive/~get_elems/linear",
+    "parallel_recursive/~get_cell/nary_rnn/linear",
+    "parallel_recursive/~get_cell/nary_rnn_1/linear",
+    "linear",
+}
 
 
 # --------------------------------------------------------- the Haiku reference
 def _haiku_reference():
-    """Import-time-free construction of the Haiku model (None if not installed)."""
+    """Import-time-free construction of the Haiku model (skips if not installed)."""
     jax = pytest.importorskip("jax")
     hk = pytest.importorskip("haiku")
     serialization = pytest.importorskip("flax.serialization")
@@ -38,39 +61,50 @@ def _haiku_reference():
     jax.config.update("jax_platforms", "cpu")
 
     class NaryLSTM(hk.Module):
-        """N-ary LSTM layer: gates [i, g, o, f_1..f_N] from concat(h_1..h_N)."""
+        """One LSTM layer over N child states: gates [i, g, o, f_1 .. f_N]."""
 
         def __init__(self, hidden_size, name=None):
             super().__init__(name=name)
             self.hidden_size = hidden_size
 
-        def __call__(self, *states):
-            n = len(states)
-            pre = hk.Linear((3 + n) * self.hidden_size)(jnp.concatenate([s.hidden for s in states], -1))
-            blocks = jnp.split(pre, 3 + n, axis=-1)
-            cell = jax.nn.sigmoid(blocks[0]) * jnp.tanh(blocks[1])
-            for forget, state in zip(blocks[3:], states):
-                cell = cell + jax.nn.sigmoid(forget) * state.cell
-            hidden = jax.nn.sigmoid(blocks[2]) * jnp.tanh(cell)
+        def __call__(self, *children):
+            count = len(children)
+            hiddens = jnp.concatenate([child.hidden for child in children], axis=-1)
+            blocks = jnp.split(hk.Linear((3 + count) * self.hidden_size)(hiddens), 3 + count,
+                               axis=-1)
+            input_gate, candidate, output_gate, *forgets = blocks
+            cell = jax.nn.sigmoid(input_gate) * jnp.tanh(candidate)
+            for forget, child in zip(forgets, children):
+                cell = cell + jax.nn.sigmoid(forget) * child.cell
+            hidden = jax.nn.sigmoid(output_gate) * jnp.tanh(cell)
             return hidden, hk.LSTMState(hidden, cell)
 
     class NaryRNN(hk.Module):
+        """relu(Linear(concat(children)))."""
+
         def __init__(self, hidden_size, name=None):
             super().__init__(name=name)
             self.hidden_size = hidden_size
 
-        def __call__(self, *states):
-            hidden = jax.nn.relu(hk.Linear(self.hidden_size)(jnp.concatenate(states, -1)))
+        def __call__(self, *children):
+            hidden = jax.nn.relu(hk.Linear(self.hidden_size)(jnp.concatenate(children, axis=-1)))
             return hidden, hidden
 
     class ParallelRecursive(hk.Module):
-        def __init__(self, hidden_size, cell="lstm", num_layers=2, name=None):
+        """Leaves from get_elems, merge from get_cell, combined by an associative scan."""
+
+        def __init__(self, hidden_size, cell, num_layers, name=None):
             super().__init__(name=name)
             self.hidden_size, self.cell, self.num_layers = hidden_size, cell, num_layers
 
         def __call__(self, xs):
+            merge = self.get_cell()
+            return jax.lax.associative_scan(merge, self.get_elems(xs), axis=1)
+
+        def get_cell(self):
+            # Modules built here are named "<core>/~get_cell/nary_lstm[_k]"; the
+            # first is the binary merge, the others the unary layers in order.
             cell_type = NaryLSTM if self.cell == "lstm" else NaryRNN
-            # Cells first (as the paper's get_cell), each vmapped over time.
             layers = [jax.vmap(cell_type(self.hidden_size), in_axes=1, out_axes=1)
                       for _ in range(self.num_layers)]
 
@@ -80,23 +114,28 @@ def _haiku_reference():
                     _, state = layer(state)
                 return state
 
-            if self.cell == "lstm":
-                i, g, o = jnp.split(hk.Linear(3 * self.hidden_size)(xs), 3, axis=-1)
-                c = jax.nn.sigmoid(i) * jnp.tanh(g)
-                leaves = hk.LSTMState(jax.nn.sigmoid(o) * jnp.tanh(c), c)
-            else:
-                leaves = hk.Linear(self.hidden_size)(xs)
-            return jax.lax.associative_scan(merge, leaves, axis=1)
+            return merge
 
-    def build(cell, num_layers, hidden=H, outputs=O):
+        def get_elems(self, xs):
+            if self.cell == "rnn":
+                return hk.Linear(self.hidden_size)(xs)
+            input_gate, candidate, output_gate = jnp.split(
+                hk.Linear(3 * self.hidden_size)(xs), 3, axis=-1)
+            cell = jax.nn.sigmoid(input_gate) * jnp.tanh(candidate)
+            return hk.LSTMState(jax.nn.sigmoid(output_gate) * jnp.tanh(cell), cell)
+
+    class NTR(ParallelRecursive):
+        """The same core under its earlier class name (pr-lstm commit 3c9b6d2)."""
+
+    def build(cell, num_layers, core=ParallelRecursive):
         def model(x):
-            states = ParallelRecursive(hidden, cell, num_layers)(x)
-            h = states.hidden if cell == "lstm" else states
-            return hk.Linear(outputs)(jax.nn.relu(h)), states
+            states = core(H, cell, num_layers)(x)
+            hidden = states.hidden if cell == "lstm" else states
+            return hk.Linear(O)(jax.nn.relu(hidden)), states
 
         return hk.without_apply_rng(hk.transform(model))
 
-    return jax, build, serialization
+    return jax, build, serialization, NTR
 
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -116,84 +155,136 @@ def haiku_env():
     return _haiku_reference()
 
 
-def _write_checkpoint(tmp_path, haiku_env, cell, num_layers, seed=0, name=None, **sizes):
-    jax, build, serialization = haiku_env
-    model = build(cell, num_layers, **sizes)
+def _init(haiku_env, cell, num_layers, seed=0, core=None):
+    jax, build, _, _ = haiku_env
+    model = build(cell, num_layers) if core is None else build(cell, num_layers, core)
     params = _run(jax, model.init, jax.random.PRNGKey(seed), np.zeros((1, 2, D), np.float32))
-    path = tmp_path / (name or f"{cell}{num_layers}.msgpack")
+    return model, params
+
+
+def _write_checkpoint(tmp_path, haiku_env, cell, num_layers, seed=0):
+    """Save as the paper's training code does: ``serialization.to_bytes(params)``."""
+    serialization = haiku_env[2]
+    model, params = _init(haiku_env, cell, num_layers, seed)
+    path = tmp_path / f"{cell}{num_layers}.msgpack"
     path.write_bytes(serialization.to_bytes(params))
     return path, model, params
 
 
+def _import_with_cli(source, out):
+    from treesched.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["import-checkpoint", str(source), "--out", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return treesched.PRLSTM.load(out)
+
+
+# ------------------------------------------------------------ names and bytes
+def test_reference_has_the_published_parameter_names(haiku_env):
+    serialization = haiku_env[2]
+    _, lstm = _init(haiku_env, "lstm", 3)
+    _, rnn = _init(haiku_env, "rnn", 2)
+    assert set(lstm) == PUBLISHED_LSTM3
+    assert set(rnn) == PUBLISHED_RNN2
+    shapes = {module: tuple(lstm[module]["w"].shape) for module in lstm}
+    assert shapes == {"parallel_recursive/~get_elems/linear": (D, 3 * H),
+                      "parallel_recursive/~get_cell/nary_lstm/linear": (2 * H, 5 * H),
+                      "parallel_recursive/~get_cell/nary_lstm_1/linear": (H, 4 * H),
+                      "parallel_recursive/~get_cell/nary_lstm_2/linear": (H, 4 * H),
+                      "linear": (H, O)}
+    assert all(set(tensors) == {"w", "b"} for tensors in lstm.values())
+    # The paper saves with to_bytes; for a dict of arrays that is msgpack_serialize.
+    assert serialization.to_bytes(lstm) == serialization.msgpack_serialize(lstm)
+    # The hand-written trees of the refusal tests below use the same names.
+    assert set(_paper_tree("lstm", 3)) == PUBLISHED_LSTM3
+    assert set(_paper_tree("rnn", 2)) == PUBLISHED_RNN2
+
+
 # ------------------------------------------------------------ numerical match
 def _compare(model, cell, x, reference, context):
-    """treesched's logits and states on ``x`` against Haiku's ``(logits, states)``."""
+    """treesched's logits and states on ``x`` against Haiku's ``(logits, states)``.
+
+    Returns the largest absolute difference seen.
+    """
     want_y, want_states = reference
-    length = x.shape[1]
-    np.testing.assert_allclose(model.forward(x), np.asarray(want_y)[:, :length],
-                               rtol=1e-5, atol=1e-6, err_msg=context)
+    got_y = model.forward(x)
+    np.testing.assert_allclose(got_y, np.asarray(want_y), rtol=RTOL, atol=ATOL, err_msg=context)
+    worst = float(np.abs(got_y - np.asarray(want_y)).max())
     want = (want_states.hidden, want_states.cell) if cell == "lstm" else (want_states,)
     states = model.encode(x)
     assert len(states) == len(want)
     for got, expected in zip(states, want):
-        np.testing.assert_allclose(got, np.asarray(expected)[:, :length], rtol=1e-5, atol=1e-6,
-                                   err_msg=context)
+        np.testing.assert_allclose(got, np.asarray(expected), rtol=RTOL, atol=ATOL,
+                                   err_msg=context + " (states)")
+        worst = max(worst, float(np.abs(got - np.asarray(expected)).max()))
+    return worst
 
 
 @pytest.mark.parametrize("cell,num_layers", CONFIGS)
 def test_outputs_match_haiku(tmp_path, haiku_env, cell, num_layers):
-    """Lengths 1, 2, 7, 41 against the Haiku model (float32).
+    """Lengths 1, 2, 7, 41 against the Haiku model, each compiled at its own length (float32).
 
-    Haiku is compiled once per length for the main model (lstm, 2 layers).
-    For the others, one Haiku run at length 41 is the reference for every
-    length: the odd-even recursion is prefix-stable (SPEC §2), which the
-    main model's per-length runs check; treesched still runs each length on
-    its own schedule.
+    The checkpoint is imported both with ``PRLSTM.from_haiku_msgpack`` and
+    with ``treesched import-checkpoint`` (then ``PRLSTM.load``).
     """
     jax = haiku_env[0]
     path, reference, params = _write_checkpoint(tmp_path, haiku_env, cell, num_layers)
-    model = from_haiku_msgpack(path)
-    assert (model.input_size, model.hidden_size, model.output_size) == (D, H, O)
-    assert (model.num_layers, model.cell_name, model.dtype) == (num_layers, cell, "float32")
-    def apply(params, x):
-        return _run(jax, reference.apply, params, x)
+    direct = treesched.PRLSTM.from_haiku_msgpack(path)
+    via_cli = _import_with_cli(path, tmp_path / "model.npz")
+    for model in (direct, via_cli):
+        assert (model.input_size, model.hidden_size, model.output_size) == (D, H, O)
+        assert (model.num_layers, model.cell_name, model.dtype) == (num_layers, cell, "float32")
+        assert model.pattern == "odd-even"
 
     x = np.random.default_rng(num_layers).normal(size=(3, max(LENGTHS), D)).astype(np.float32)
-    full = apply(params, x)
     for length in LENGTHS:
+        prefix = x[:, :length]
+        want = _run(jax, reference.apply, params, prefix)
         context = f"{cell} num_layers={num_layers} T={length}"
-        if (cell, num_layers) == ("lstm", 2):
-            _compare(model, cell, x[:, :length], apply(params, x[:, :length]), context)
-        _compare(model, cell, x[:, :length], full, context + " (prefix of T=41)")
+        _compare(direct, cell, prefix, want, context)
+        _compare(via_cli, cell, prefix, want, context + " (import-checkpoint)")
 
 
-def test_mapping_and_classmethod(tmp_path, haiku_env):
+def test_mapping_of_the_published_names(tmp_path, haiku_env):
     path, _, params = _write_checkpoint(tmp_path, haiku_env, "lstm", 3)
-    assert set(params) == {"parallel_recursive/linear", "parallel_recursive/nary_lstm/linear",
-                           "parallel_recursive/nary_lstm_1/linear",
-                           "parallel_recursive/nary_lstm_2/linear", "linear"}
     found = load_haiku_msgpack(path)
     assert found.core == "parallel_recursive"
     assert found.mapping == {
-        "leaf/w": "parallel_recursive/linear/w", "leaf/b": "parallel_recursive/linear/b",
-        "merge/w": "parallel_recursive/nary_lstm/linear/w",
-        "merge/b": "parallel_recursive/nary_lstm/linear/b",
-        "unary_1/w": "parallel_recursive/nary_lstm_1/linear/w",
-        "unary_1/b": "parallel_recursive/nary_lstm_1/linear/b",
-        "unary_2/w": "parallel_recursive/nary_lstm_2/linear/w",
-        "unary_2/b": "parallel_recursive/nary_lstm_2/linear/b",
+        "leaf/w": "parallel_recursive/~get_elems/linear/w",
+        "leaf/b": "parallel_recursive/~get_elems/linear/b",
+        "merge/w": "parallel_recursive/~get_cell/nary_lstm/linear/w",
+        "merge/b": "parallel_recursive/~get_cell/nary_lstm/linear/b",
+        "unary_1/w": "parallel_recursive/~get_cell/nary_lstm_1/linear/w",
+        "unary_1/b": "parallel_recursive/~get_cell/nary_lstm_1/linear/b",
+        "unary_2/w": "parallel_recursive/~get_cell/nary_lstm_2/linear/w",
+        "unary_2/b": "parallel_recursive/~get_cell/nary_lstm_2/linear/b",
         "head/w": "linear/w", "head/b": "linear/b"}
     for name, source in found.mapping.items():
         module, tensor = source.rsplit("/", 1)
         np.testing.assert_array_equal(found.params[name], np.asarray(params[module][tensor]))
-    if hasattr(treesched.PRLSTM, "from_haiku_msgpack"):
-        model = treesched.PRLSTM.from_haiku_msgpack(path, pattern="odd-even")
-        assert isinstance(model, treesched.PRLSTM) and model.num_layers == 3
+    model = treesched.PRLSTM.from_haiku_msgpack(path, pattern="odd-even")
+    assert isinstance(model, treesched.PRLSTM) and model.num_layers == 3
+
+
+def test_earlier_core_name_ntr(tmp_path, haiku_env):
+    """The same core named NTR (commit 3c9b6d2): found by its cells, not by its name."""
+    serialization, ntr_class = haiku_env[2], haiku_env[3]
+    _, params = _init(haiku_env, "lstm", 2, core=ntr_class)
+    assert set(params) == {"ntr/~get_elems/linear", "ntr/~get_cell/nary_lstm/linear",
+                           "ntr/~get_cell/nary_lstm_1/linear", "linear"}
+    path = tmp_path / "ntr.msgpack"
+    path.write_bytes(serialization.to_bytes(params))
+    found = load_haiku_msgpack(path)
+    assert found.core == "ntr"
+    assert found.mapping["unary_1/w"] == "ntr/~get_cell/nary_lstm_1/linear/w"
+    np.testing.assert_array_equal(found.params["merge/w"],
+                                  np.asarray(params["ntr/~get_cell/nary_lstm/linear"]["w"]))
 
 
 def test_decoder_matches_flax(tmp_path, haiku_env):
     """Our msgpack decoder agrees with flax's own, incl. scalars, complex and chunking."""
-    _, _, serialization = haiku_env
+    serialization = haiku_env[2]
     import flax.serialization as fs
 
     tree = {"a": {"w": np.arange(6, dtype=np.float16).reshape(2, 3), "s": np.float64(2.5)},
@@ -220,8 +311,8 @@ def test_decoder_matches_flax(tmp_path, haiku_env):
 
 
 def test_bfloat16_and_float64(tmp_path, haiku_env):
-    jax, _, serialization = haiku_env
-    path, _, params = _write_checkpoint(tmp_path, haiku_env, "lstm", 2)
+    jax, _, serialization, _ = haiku_env
+    _, _, params = _write_checkpoint(tmp_path, haiku_env, "lstm", 2)
     as_bf16 = jax.tree_util.tree_map(lambda a: np.asarray(a.astype(jax.numpy.bfloat16)), params)
     (tmp_path / "bf16.msgpack").write_bytes(serialization.to_bytes(as_bf16))
     model = from_haiku_msgpack(tmp_path / "bf16.msgpack")
@@ -254,7 +345,7 @@ def test_reader_needs_no_jax(tmp_path, haiku_env):
     assert result.stdout.strip() == "ok 2"
 
 
-# ------------------------------------------------------------- refusals
+# ---------------------------------------------- hand-written trees, refusals
 def _pack(tree):
     """flax's wire format, written with msgpack alone."""
     def ext(value):
@@ -266,20 +357,27 @@ def _pack(tree):
     return msgpack.packb(tree, default=ext, strict_types=True)
 
 
-def _paper_tree(cell="lstm", num_layers=2, d=D, h=H, o=O, dtype=np.float32):
+def _paper_tree(cell="lstm", num_layers=2, core="parallel_recursive", dtype=np.float32):
+    """Random parameters under the published module names."""
     rng = np.random.default_rng(0)
-    widths = {"lstm": (3, 5, 4), "rnn": (1, 1, 1)}[cell]
-    kind = f"nary_{cell}"
+    leaf_width, merge_width, unary_width = {"lstm": (3, 5, 4), "rnn": (1, 1, 1)}[cell]
 
     def linear(rows, cols):
-        return {"w": rng.normal(size=(rows, cols)).astype(dtype), "b": np.zeros(cols, dtype)}
+        return {"w": rng.normal(size=(rows, cols)).astype(dtype),
+                "b": rng.normal(size=cols).astype(dtype)}
 
-    tree = {"parallel_recursive/linear": linear(d, widths[0] * h),
-            f"parallel_recursive/{kind}/linear": linear(2 * h, widths[1] * h)}
+    tree = {f"{core}/~get_elems/linear": linear(D, leaf_width * H),
+            f"{core}/~get_cell/nary_{cell}/linear": linear(2 * H, merge_width * H)}
     for k in range(1, num_layers):
-        tree[f"parallel_recursive/{kind}_{k}/linear"] = linear(h, widths[2] * h)
-    tree["linear"] = linear(h, o)
+        tree[f"{core}/~get_cell/nary_{cell}_{k}/linear"] = linear(H, unary_width * H)
+    tree["linear"] = linear(H, O)
     return tree
+
+
+def _write(tmp_path, tree, name="tree.msgpack"):
+    path = tmp_path / name
+    path.write_bytes(_pack(tree))
+    return path
 
 
 def _refused(tmp_path, tree_or_bytes, *fragments):
@@ -294,66 +392,132 @@ def _refused(tmp_path, tree_or_bytes, *fragments):
     return message
 
 
-def test_handwritten_tree_imports(tmp_path):
-    for cell, layers in (("lstm", 1), ("lstm", 3), ("rnn", 1), ("rnn", 2)):
-        path = tmp_path / "ok.msgpack"
-        path.write_bytes(_pack(_paper_tree(cell, layers)))
-        model = from_haiku_msgpack(path)
+def test_handwritten_published_trees_import(tmp_path):
+    for cell, layers in (("lstm", 1), ("lstm", 3), ("rnn", 1), ("rnn", 3)):
+        model = from_haiku_msgpack(_write(tmp_path, _paper_tree(cell, layers)))
         assert (model.cell_name, model.num_layers, model.hidden_size) == (cell, layers, H)
     # Nested under an outer module and wrapped as {"params": ...}: still found.
     tree = {f"net/{k}": v for k, v in _paper_tree().items()}
-    path.write_bytes(_pack({"params": tree}))
-    assert load_haiku_msgpack(path).mapping["head/w"] == "net/linear/w"
+    found = load_haiku_msgpack(_write(tmp_path, {"params": tree}))
+    assert found.mapping["head/w"] == "net/linear/w" and found.core == "net/parallel_recursive"
 
 
-def test_refuses_missing_and_extra_modules(tmp_path):
+def test_scope_free_layout_still_accepted(tmp_path):
+    """Leaf and cells directly in the core (modules built in __call__), as accepted before."""
+    published = _paper_tree("lstm", 3)
+    scope_free = {module.replace("~get_elems/", "").replace("~get_cell/", ""): tensors
+                  for module, tensors in published.items()}
+    assert set(scope_free) == {"parallel_recursive/linear", "parallel_recursive/nary_lstm/linear",
+                               "parallel_recursive/nary_lstm_1/linear",
+                               "parallel_recursive/nary_lstm_2/linear", "linear"}
+    found = load_haiku_msgpack(_write(tmp_path, scope_free))
+    assert found.mapping["leaf/w"] == "parallel_recursive/linear/w"
+    want = from_haiku_msgpack(_write(tmp_path, published, "published.msgpack"))
+    got = build_model(found)
+    assert got.num_layers == 3
+    x = np.random.default_rng(2).normal(size=(2, 9, D)).astype(np.float32)
+    np.testing.assert_array_equal(got.forward(x), want.forward(x))
+
+
+def test_refuses_missing_tensors(tmp_path):
+    tree = _paper_tree(num_layers=3)
+    del tree["parallel_recursive/~get_cell/nary_lstm_1/linear"]
+    _refused(tmp_path, tree, "missing module 'parallel_recursive/~get_cell/nary_lstm_1/linear'")
+    tree = _paper_tree()
+    del tree["parallel_recursive/~get_elems/linear"]
+    _refused(tmp_path, tree, "missing module 'parallel_recursive/~get_elems/linear'", "leaf")
     tree = _paper_tree()
     del tree["linear"]
     _refused(tmp_path, tree, "missing module", "read-out head")
     tree = _paper_tree()
-    del tree["parallel_recursive/linear"]
-    _refused(tmp_path, tree, "missing module 'parallel_recursive/linear'")
-    tree = _paper_tree(num_layers=3)
-    del tree["parallel_recursive/nary_lstm_1/linear"]
-    _refused(tmp_path, tree, "missing module 'parallel_recursive/nary_lstm_1/linear'")
+    del tree["linear"]["b"]
+    _refused(tmp_path, tree, "missing tensor 'linear/b' (-> head/b)", "no bias")
+    tree = _paper_tree()
+    del tree["parallel_recursive/~get_cell/nary_lstm/linear"]["w"]
+    _refused(tmp_path, tree, "missing tensor 'parallel_recursive/~get_cell/nary_lstm/linear/w'",
+             "merge/w")
     _refused(tmp_path, {"linear": _paper_tree()["linear"]}, "no PR-LSTM cell found")
-    tree = _paper_tree()
-    tree["linear_1"] = tree["linear"]
-    _refused(tmp_path, tree, "unexpected extra modules", "'linear_1'")
-    tree = _paper_tree()
-    tree["parallel_recursive/gru"] = {"w_i": np.zeros((3, 3), np.float32)}
-    _refused(tmp_path, tree, "unexpected extra module", "parallel_recursive/gru")
-    tree = _paper_tree()
-    tree.update({k.replace("lstm", "rnn"): v for k, v in _paper_tree("rnn").items() if "nary" in k})
-    _refused(tmp_path, tree, "more than one recursive core")
 
 
-def test_refuses_bad_tensors(tmp_path):
+def test_refuses_wrong_shapes(tmp_path):
     tree = _paper_tree()
-    tree["parallel_recursive/nary_lstm_1/linear"]["w"] = np.zeros((H, 3 * H), np.float32)
-    _refused(tmp_path, tree, "tensor 'parallel_recursive/nary_lstm_1/linear/w'", "unary_1/w",
-             f"({H}, {4 * H})")
+    tree["parallel_recursive/~get_cell/nary_lstm_1/linear"]["w"] = np.zeros((H, 3 * H), np.float32)
+    _refused(tmp_path, tree, "tensor 'parallel_recursive/~get_cell/nary_lstm_1/linear/w'",
+             "unary_1/w", f"({H}, {4 * H})")
+    tree = _paper_tree()
+    tree["parallel_recursive/~get_elems/linear"]["w"] = np.zeros((D, 4 * H), np.float32)
+    _refused(tmp_path, tree, "tensor 'parallel_recursive/~get_elems/linear/w' (-> leaf/w)",
+             f"expected ({D}, {3 * H})")
     tree = _paper_tree()
     tree["linear"]["w"] = np.zeros((H + 1, O), np.float32)
     _refused(tmp_path, tree, "tensor 'linear/w' (-> head/w)", f"expected ({H}, {O})")
     tree = _paper_tree()
-    tree["parallel_recursive/linear"]["b"] = np.zeros(3 * H, np.int32)
-    _refused(tmp_path, tree, "'parallel_recursive/linear/b'", "int32", "floating point")
+    tree["linear"]["b"] = np.zeros(O + 1, np.float32)
+    _refused(tmp_path, tree, "tensor 'linear/b' (-> head/b)", f"expected ({O},)")
     tree = _paper_tree()
-    del tree["linear"]["b"]
-    _refused(tmp_path, tree, "module 'linear'", "no bias")
-    tree = _paper_tree()
-    tree["linear"]["scale"] = np.ones(O, np.float32)
-    _refused(tmp_path, tree, "unexpected tensors", "'scale'")
-    tree = _paper_tree()
-    tree["parallel_recursive/nary_lstm/linear"]["w"] = np.zeros((2 * H + 1, 5 * H), np.float32)
-    _refused(tmp_path, tree, "merge/w", "2 * hidden_size")
-    tree = _paper_tree()
-    tree["linear"]["w"][0, 0] = np.nan
-    _refused(tmp_path, tree, "'linear/w'", "NaN")
+    tree["parallel_recursive/~get_cell/nary_lstm/linear"]["w"] = np.zeros((2 * H + 1, 5 * H),
+                                                                          np.float32)
+    _refused(tmp_path, tree, "'parallel_recursive/~get_cell/nary_lstm/linear/w' (-> merge/w)",
+             "2 * hidden_size")
     tree = _paper_tree()
     tree["linear"]["w"] = np.zeros((2, H, O), np.float32)
     _refused(tmp_path, tree, "'linear/w'", "rank-2")
+    # An LSTM-sized merge under an RNN cell name: the shapes say it is not a PR-RNN.
+    tree = _paper_tree("rnn", 1)
+    tree["parallel_recursive/~get_cell/nary_rnn/linear"]["w"] = np.zeros((2 * H, 5 * H), np.float32)
+    _refused(tmp_path, tree, "'parallel_recursive/~get_cell/nary_rnn/linear/w' (-> merge/w)",
+             f"expected ({2 * H}, {H})")
+
+
+def test_refuses_unknown_tensors_and_modules(tmp_path):
+    tree = _paper_tree()
+    tree["parallel_recursive/~get_cell/nary_lstm/linear"]["scale"] = np.ones(5 * H, np.float32)
+    _refused(tmp_path, tree,
+             "unexpected tensor 'parallel_recursive/~get_cell/nary_lstm/linear/scale'")
+    tree = _paper_tree()
+    tree["parallel_recursive/~get_cell/layer_norm"] = {"scale": np.ones(H, np.float32),
+                                                       "offset": np.zeros(H, np.float32)}
+    _refused(tmp_path, tree, "unexpected extra module inside the core 'parallel_recursive'",
+             "'parallel_recursive/~get_cell/layer_norm/offset'",
+             "'parallel_recursive/~get_cell/layer_norm/scale'")
+    tree = _paper_tree()
+    tree["linear_1"] = tree["linear"]
+    _refused(tmp_path, tree, "unexpected extra modules outside the core", "'linear_1/w'")
+    tree = _paper_tree()
+    tree["parallel_recursive/linear"] = tree["parallel_recursive/~get_elems/linear"]
+    _refused(tmp_path, tree, "more than one leaf encoder", "'parallel_recursive/linear/w'")
+    tree = _paper_tree()
+    tree.update({k.replace("lstm", "rnn"): v for k, v in _paper_tree("rnn").items() if "nary" in k})
+    _refused(tmp_path, tree, "more than one recursive core")
+    tree = _paper_tree()
+    merge = tree["parallel_recursive/~get_cell/nary_lstm/linear"]
+    tree["parallel_recursive/nary_lstm/linear"] = merge
+    _refused(tmp_path, tree, "more than one recursive core", "'parallel_recursive/~get_cell'")
+
+
+def test_refuses_bad_values(tmp_path):
+    tree = _paper_tree()
+    tree["parallel_recursive/~get_elems/linear"]["b"] = np.zeros(3 * H, np.int32)
+    _refused(tmp_path, tree, "'parallel_recursive/~get_elems/linear/b'", "int32", "floating point")
+    tree = _paper_tree()
+    tree["linear"]["w"][0, 0] = np.nan
+    _refused(tmp_path, tree, "'linear/w'", "NaN")
+
+
+def test_refuses_other_models_of_the_repository(tmp_path):
+    """The GRU core and the SCM/LSCM prototypes (pr-lstm commit 5efc5a7) are not PR-LSTMs."""
+    rnn = _paper_tree("rnn")
+    gru = {"parallel_recursive/~get_elems/linear": rnn["parallel_recursive/~get_elems/linear"],
+           "parallel_recursive/~get_cell/gru": {name: np.zeros((H, H), np.float32)
+                                                for name in ("w_i", "u_i", "w_h", "u_h")},
+           "linear": rnn["linear"]}
+    _refused(tmp_path, gru, "'parallel_recursive/~get_cell/gru'", "GRU")
+    published = _paper_tree()
+    lscm = {"lscm/~get_elems/linear": published["parallel_recursive/~get_elems/linear"],
+            "lscm/~get_cell/linear": published["parallel_recursive/~get_cell/nary_lstm/linear"],
+            "lscm/~get_cell/linear_1": published["parallel_recursive/~get_cell/nary_lstm_1/linear"],
+            "linear": published["linear"]}
+    _refused(tmp_path, lscm, "'lscm/~get_cell/linear'", "LSCM", "gate order")
 
 
 def test_refuses_corrupt_files(tmp_path):
@@ -379,13 +543,13 @@ def test_refuses_corrupt_files(tmp_path):
 def test_cli_import_checkpoint(tmp_path):
     from treesched.cli.main import cli
 
-    source = tmp_path / "paper.msgpack"
-    source.write_bytes(_pack(_paper_tree(num_layers=3)))
+    source = _write(tmp_path, _paper_tree(num_layers=3), "paper.msgpack")
     out = tmp_path / "model.npz"
     result = CliRunner().invoke(cli, ["import-checkpoint", str(source), "--out", str(out),
                                       "--pattern", "odd-even"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "parallel_recursive/nary_lstm_2/linear/w" in result.output and "unary_2/w" in result.output
+    assert "parallel_recursive/~get_cell/nary_lstm_2/linear/w" in result.output
+    assert "unary_2/w" in result.output
     model = treesched.PRLSTM.load(out)
     assert (model.num_layers, model.hidden_size, model.pattern) == (3, H, "odd-even")
     direct = from_haiku_msgpack(source)
@@ -401,3 +565,18 @@ def test_cli_import_checkpoint(tmp_path):
     result = CliRunner().invoke(cli, ["import-checkpoint", str(source), "--out", str(out),
                                       "--pattern", "zigzag"])
     assert result.exit_code == 1 and "unknown pattern" in result.output
+
+
+def test_cli_refusal_names_the_tensor(tmp_path):
+    from treesched.cli.main import cli
+
+    tree = _paper_tree()
+    tree["parallel_recursive/~get_cell/nary_lstm_1/linear"]["w"] = np.zeros((H, 3 * H), np.float32)
+    source = _write(tmp_path, tree, "wrong.msgpack")
+    result = CliRunner().invoke(cli, ["import-checkpoint", str(source), "--out",
+                                      str(tmp_path / "x.npz")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1
+    assert "'parallel_recursive/~get_cell/nary_lstm_1/linear/w' (-> unary_1/w)" in lines[0]
+    assert not (tmp_path / "x.npz").exists()

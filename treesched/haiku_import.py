@@ -9,26 +9,66 @@ scalar ``(real, imag)``; arrays over 2**30 bytes are split into a map
 ``{"__msgpack_chunked_array__": True, "shape": {...}, "chunks": {...}}``).
 This module decodes that format with ``msgpack`` and NumPy alone — JAX,
 Haiku and flax need not be installed — and maps the Haiku module names onto
-the SPEC.md §1 parameter names:
+the SPEC.md §1 parameter names.
 
-=====================================================  ===============
-Haiku module (``P`` = the core, ``parallel_recursive``)  treesched
-=====================================================  ===============
-``P/linear``                (leaf ``hk.Linear``)         ``leaf/*``
-``P/nary_lstm/linear``      (binary cell)                ``merge/*``
-``P/nary_lstm_k/linear``    (k-th unary cell)            ``unary_k/*``
-``linear``                  (read-out, outside ``P``)    ``head/*``
-=====================================================  ===============
+Which tensor is which. The model is a recursive core (class
+``ParallelRecursive``, earlier ``NTR``) and a read-out ``hk.Linear`` applied to
+``relu(h)`` outside it. Haiku names a module after its class, numbered in
+creation order (``nary_lstm``, ``nary_lstm_1``, ...), and puts ``~method/`` in
+the path of a module created inside a method other than ``__call__``
+(``~get_cell/``; ``~/`` for ``__init__``). Each tensor is identified by that
+structure and then checked by shape (``P``: the core's path, found as the
+path in front of the cells, so its name — ``parallel_recursive``, ``ntr`` —
+and any outer prefix do not matter; ``~m/``: any method scope or none;
+``D``, ``H``, ``O``: input, hidden and output size):
 
-(``nary_rnn`` instead of ``nary_lstm`` for the PR-RNN.)  The core may sit
-under any prefix (``model/parallel_recursive``) and the read-out head may
-have any name outside the core; everything else is refused: a missing or
-unexpected module, a tensor of the wrong shape, a non-float dtype, a corrupt
-or truncated file — each with a message naming the tensor and the reason.
+=================================================  ===================  ============
+Haiku module                                        ``w`` (lstm / rnn)   treesched
+=================================================  ===================  ============
+``P/~m/linear``      (the leaf encoder)              (D, 3H) / (D, H)     ``leaf/*``
+``P/~m/nary_lstm/linear``    (first cell: merge)     (2H, 5H) / (2H, H)   ``merge/*``
+``P/~m/nary_lstm_k/linear``  (k-th cell: unary)      (H, 4H) / (H, H)     ``unary_k/*``
+the one module outside ``P``  (read-out)             (H, O)               ``head/*``
+=================================================  ===================  ============
 
-Haiku's ``Linear`` computes ``x @ w + b`` and the paper's cells split the
-gates in the order (i, g, o, forget...) and concatenate ``(h_l, h_r)``, as
-SPEC.md §1 does, so every tensor is copied unchanged.
+(``nary_rnn`` instead of ``nary_lstm`` for the PR-RNN.)
+
+Layouts the paper's code used, read from the history of tristangaudreault/pr-lstm:
+
+* ``parallel_recursive/~get_elems/linear``,
+  ``parallel_recursive/~get_cell/nary_lstm/linear``,
+  ``parallel_recursive/~get_cell/nary_lstm_k/linear``, ``linear``:
+  ``src/pr_lstm/haiku/model.py`` as published (bfd273af553be3c5bcaccf55ebeb6fa00351b369);
+  the same class in ``src/pr_lstm/jax/model.py`` (145d4637c7e87600f9ba8c0357b282c754896252,
+  whose README lists the paper's runs) and ``src/prnn/jax/model.py``
+  (943b6e71123d6568952423cc555625fe70c7237b); registered as model ``parallel_recursive``
+  from ``thesis.model`` by ``experiments/plugins/nnch.py``
+  (90012391b8bbc62670feeba585dd1f6e4431088b) and from ``pr_lstm.model`` by
+  ``experiments/neural_networks_chomsky_hierarchy/plugins/nnch.py``
+  (4e4fd8282395b2b6f80f86e452df7ec18f99031a). Both builders add the read-out
+  ``hk.Linear(output_size)(relu(h))`` and save ``serialization.to_bytes(params)``.
+* ``ntr/~get_elems/linear``, ``ntr/~get_cell/nary_lstm[_k]/linear``, ``linear``:
+  the same code under its earlier class name ``NTR`` (``src/thesis/model.py`` and
+  model ``ntr`` in ``experiments/plugins/nnch.py`` at
+  3c9b6d2186096c7db68b0f02135e87a6f22bf169; its ``nary_cells.py`` is not in the
+  history read, the class names it imports — NaryLSTM, NaryRNN — give the names).
+
+Also accepted: the leaf and the cells directly in the core (``P/linear``,
+``P/nary_lstm/linear``), as when the modules are created in ``__call__``. No
+version of the paper's code does that, but it is the same function under
+other scopes (a port or refactor of it), and treesched accepted it before.
+
+Refused, each with a message naming the module or tensor: the repository's
+prototypes ``SCM``/``LSCM`` (5efc5a7987051780b0f59344fc81528a6e9ea40e: bare
+``hk.Linear`` cells in ``~get_cell``/``~get_op``, gate order (i, g, f_l, f_r, o),
+one set of unary weights reused for every substep — not SPEC.md §1's
+PR-LSTM), the GRU cell (``--cell-name gru``), a missing or unexpected module
+or tensor, a tensor of the wrong shape, a non-float dtype, NaN or infinity, a
+corrupt or truncated file.
+
+Haiku's ``Linear`` computes ``x @ w + b`` and the paper's ``NaryLSTM`` splits the
+gates in the order (i, g, o, forget...) of ``concat(h_l, h_r) @ w``, as SPEC.md
+§1 does, so every tensor is copied unchanged.
 """
 
 from __future__ import annotations
@@ -47,8 +87,17 @@ EXT_COMPLEX = 2
 EXT_NPSCALAR = 3
 CHUNKED_KEY = "__msgpack_chunked_array__"
 
-_CELL_RE = re.compile(
-    r"^(?P<core>(?:.*?/)?)(?:~/)?(?P<kind>nary_lstm|nary_rnn)(?:_(?P<index>\d+))?/(?:~/)?linear$")
+# Haiku puts "~method/" into the path of a module created in a method other
+# than __call__ ("~/" for __init__); the paper's code builds its cells in
+# get_cell and its leaf encoder in get_elems, so either may carry a scope.
+_SCOPE = r"(?:~\w*/)?"
+# The hk.Linear of an n-ary cell: <core>[~method/]nary_lstm[_k]/linear.
+_CELL_RE = re.compile(r"^(?P<core>(?:.*?/)?)(?P<scope>" + _SCOPE + r")"
+                      r"(?P<kind>nary_lstm|nary_rnn)(?:_(?P<index>\d+))?/(?:~/)?linear$")
+# Recognised only to explain a refusal: the --cell-name gru core, and the
+# SCM/LSCM prototypes whose cells are bare hk.Linear modules in get_cell/get_op.
+_GRU_RE = re.compile(r"(?:^|/)" + _SCOPE + r"gru(?:_\d+)?$")
+_PROTOTYPE_CELL_RE = re.compile(r"(?:^|/)~(?:get_cell|get_op)/linear(?:_\d+)?$")
 _GATES = {"lstm": (3, 5, 4), "rnn": (1, 1, 1)}  # leaf, merge, unary widths in units of H
 
 
@@ -231,20 +280,27 @@ def read_haiku_msgpack(path) -> dict:
 
 
 # ------------------------------------------------------------------ mapping
+def _tensor_list(tree, modules):
+    """'module/name', ... for every tensor of ``modules`` (what a refusal names)."""
+    return ", ".join(f"'{module}/{name}'" for module in modules for name in sorted(tree[module]))
+
+
 def _linear(tree, module, spec, what):
     """The (w, b) pair of one hk.Linear module, checked for names, rank and dtype."""
     params = tree[module]
     names = set(params)
     if "w" not in names:
-        raise TreeschedError(f"module '{module}' ({what}) has no weight 'w'")
+        raise TreeschedError(
+            f"missing tensor '{module}/w' (-> {spec}/w): the {what} hk.Linear has no weight")
     if "b" not in names:
         raise TreeschedError(
-            f"module '{module}' ({what}) has no bias 'b' (hk.Linear(with_bias=False) is not "
-            "the paper's model)")
+            f"missing tensor '{module}/b' (-> {spec}/b): the {what} has no bias "
+            "(hk.Linear(with_bias=False) is not the paper's model)")
     extra = sorted(names - {"w", "b"})
     if extra:
-        raise TreeschedError(f"module '{module}' ({what}) has unexpected tensors "
-                             f"{', '.join(repr(e) for e in extra)}; an hk.Linear has only w and b")
+        listed = ", ".join(f"'{module}/{name}'" for name in extra)
+        raise TreeschedError(f"unexpected tensor{'s' if len(extra) > 1 else ''} {listed}: the "
+                             f"{what} is an hk.Linear, which holds only w and b")
     out = {}
     for name, rank in (("w", 2), ("b", 1)):
         value = params[name]
@@ -257,39 +313,63 @@ def _linear(tree, module, spec, what):
     return out
 
 
-def _find_core(tree):
-    """(core prefix, cell kind, {layer index: module}) from the cell module names."""
-    cells = {}
+def _no_cells_message(tree):
+    """Why a tree without n-ary cells is not a PR-LSTM, as specific as the tree allows."""
+    gru = sorted(module for module in tree if _GRU_RE.search(module))
+    if gru:
+        return (f"module '{gru[0]}' is a GRU cell (the paper's --cell-name gru); treesched "
+                "implements the PR-LSTM and PR-RNN cells of SPEC.md §1 only")
+    bare = sorted(module for module in tree if _PROTOTYPE_CELL_RE.search(module))
+    if bare:
+        return (f"no PR-LSTM cell found: module '{bare[0]}' is a bare hk.Linear cell, as in the "
+                "pr-lstm repository's SCM/LSCM prototypes, whose gate order (i, g, f_l, f_r, o) "
+                "and shared unary weights are not SPEC.md §1's; the PR-LSTM's cells are "
+                "'<core>/~get_cell/nary_lstm/linear', 'nary_lstm_1', ...")
+    return ("missing module: no PR-LSTM cell found (expected '<core>/~get_cell/nary_lstm/linear' "
+            "or '<core>/~get_cell/nary_rnn/linear', as the paper's ParallelRecursive creates); "
+            f"modules present: {', '.join(sorted(tree))}")
+
+
+def _find_cells(tree):
+    """(core prefix, scope, cell kind, {layer index: module}) from the cell module names.
+
+    The first cell Haiku creates (no suffix) is the binary merge; ``_k`` is the
+    k-th unary layer, as the paper's ``get_cell`` builds them in that order.
+    """
+    groups = {}
     for module in tree:
         match = _CELL_RE.match(module)
-        if match:
-            core = match["core"]
-            cells.setdefault((core, match["kind"]), {})[int(match["index"] or 0)] = module
-    if not cells:
-        raise TreeschedError(
-            "missing module: no PR-LSTM cell found (expected '<core>/nary_lstm/linear' or "
-            "'<core>/nary_rnn/linear', as the paper's ParallelRecursive creates); modules "
-            f"present: {', '.join(sorted(tree))}")
-    if len(cells) > 1:
-        found = ", ".join(f"{kind} cells under {core.rstrip('/') or '(top level)'!r}"
-                          for core, kind in sorted(cells))
+        if not match:
+            continue
+        layers = groups.setdefault((match["core"], match["scope"], match["kind"]), {})
+        index = int(match["index"] or 0)
+        if index in layers:
+            raise TreeschedError(f"unexpected extra module '{module}': cell layer {index} is "
+                                 f"already '{layers[index]}'")
+        layers[index] = module
+    if not groups:
+        raise TreeschedError(_no_cells_message(tree))
+    if len(groups) > 1:
+        found = ", ".join(f"{kind} cells under {(core + scope).rstrip('/') or '(top level)'!r}"
+                          for core, scope, kind in sorted(groups))
         raise TreeschedError(f"unexpected extra modules: more than one recursive core ({found})")
-    (core, kind), layers = next(iter(cells.items()))
+    (core, scope, kind), layers = next(iter(groups.items()))
     for index in range(max(layers) + 1):
         if index not in layers:
-            base = f"{core}{kind}" + (f"_{index}" if index else "")
+            base = f"{core}{scope}{kind}" + (f"_{index}" if index else "")
             raise TreeschedError(
                 f"missing module '{base}/linear': cell layers must be numbered 0..{max(layers)} "
                 f"without gaps (found {', '.join(layers[k] for k in sorted(layers))})")
-    return core, kind, layers
+    return core, scope, kind, layers
 
 
 def map_haiku_params(tree: dict, source: str = "checkpoint") -> HaikuImport:
     """Map a Haiku params tree (``{module: {"w", "b"}}``) to SPEC.md §1 names.
 
     Infers the cell (``lstm``/``rnn``), the input, hidden and output sizes and
-    ``num_layers`` from module names and shapes; refuses anything that is not
-    exactly the paper's PR-LSTM / PR-RNN plus a read-out ``hk.Linear``.
+    ``num_layers`` from module names and shapes; accepts the layouts listed in
+    the module docstring and refuses anything that is not exactly the paper's
+    PR-LSTM / PR-RNN plus a read-out ``hk.Linear``.
     """
     try:
         return _map(tree)
@@ -298,30 +378,39 @@ def map_haiku_params(tree: dict, source: str = "checkpoint") -> HaikuImport:
 
 
 def _map(tree):
-    core, kind, layers = _find_core(tree)
+    core, scope, kind, layers = _find_cells(tree)
     cell = kind.split("_")[1]  # nary_lstm -> lstm
     core_label = core.rstrip("/") or "(top level)"
-    leaf_candidates = [f"{core}linear", f"{core}~/linear"]
-    leaf_module = next((m for m in leaf_candidates if m in tree), None)
-    if leaf_module is None:
+    cell_modules = set(layers.values())
+    # The leaf encoder: the core's one hk.Linear outside the cells, in whichever
+    # method it was created (get_elems in the paper's code).
+    leaf_re = re.compile(re.escape(core) + _SCOPE + "linear$")
+    leaves = sorted(m for m in tree if m not in cell_modules and leaf_re.match(m))
+    if not leaves:
+        # Name it where the paper's code would put it, next to these cells.
+        expected = f"{core}~get_elems/linear" if scope else f"{core}linear"
         raise TreeschedError(
-            f"missing module '{core}linear': the leaf encoder hk.Linear of the core {core_label!r}")
-    core_modules = {leaf_module, *layers.values()}
-    rest = [m for m in tree if m not in core_modules]
+            f"missing module '{expected}': the leaf encoder hk.Linear of the core {core_label!r}")
+    if len(leaves) > 1:
+        raise TreeschedError(
+            f"unexpected extra modules inside the core {core_label!r}: more than one leaf "
+            f"encoder ({_tensor_list(tree, leaves)})")
+    leaf_module = leaves[0]
+    rest = [m for m in tree if m not in cell_modules and m != leaf_module]
     inside = sorted(m for m in rest if core and m.startswith(core))
     if inside:
         raise TreeschedError(
             f"unexpected extra module{'s' if len(inside) > 1 else ''} inside the core "
-            f"{core_label!r}: {', '.join(repr(m) for m in inside)} (the paper's model has only "
-            f"'{leaf_module}' and the {kind} cells)")
+            f"{core_label!r}: {_tensor_list(tree, inside)} (the paper's core holds only the leaf "
+            f"encoder '{leaf_module}' and the {kind} cells)")
     if not rest:
         raise TreeschedError(
             f"missing module: no read-out head (the paper's model applies hk.Linear(output_size) "
             f"to relu(h) outside {core_label!r}); modules present: {', '.join(sorted(tree))}")
     if len(rest) > 1:
         raise TreeschedError(
-            f"unexpected extra modules {', '.join(repr(m) for m in sorted(rest))}: expected one "
-            "read-out head hk.Linear besides the recursive core")
+            f"unexpected extra modules outside the core {core_label!r}: "
+            f"{_tensor_list(tree, sorted(rest))}; expected one read-out head hk.Linear")
     head_module = rest[0]
 
     leaf = _linear(tree, leaf_module, "leaf", "leaf encoder")
