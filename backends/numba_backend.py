@@ -28,14 +28,19 @@ backward, levels in reverse
     with a precomputed CSR of (consumer merge, side): no atomics, no races,
     a fixed summation order, bitwise reproducible.
 
-GEMMs (float32).  They run on Numba's own threads, one single-threaded BLAS
-call per row block (``numba_kernels.gemm_*``), with the BLAS libraries
-limited to one thread during a pass (:class:`BlasThreads`, threadpoolctl).
-Left to its own threads, OpenBLAS's idle workers spin after each call and
-take the cores the next gate kernel needs: the forward pass at T = 512 ran
-2.0x the bare-GEMM time that way, 1.2x this way (same run, 2 cores).
-float64, the gradient-checking precision, and machines without
-threadpoolctl or scipy use NumPy's ``matmul`` (``numba_gemm = False``).
+GEMMs, two paths.  *Numba-threaded*: the GEMMs run on Numba's own threads,
+one single-threaded BLAS call per row block (``numba_kernels.gemm_*``), with
+the BLAS libraries limited to one thread during a pass (:class:`BlasThreads`,
+threadpoolctl), and the weight gradient's K axis split in a fixed number of
+blocks (``gemm_tn_acc``, the bias sum riding along).  Left to its own
+threads, OpenBLAS's idle workers spin after each call and take the cores the
+next gate kernel needs: the forward pass at T = 512 ran 2.0x the bare-GEMM
+time that way, 1.2x this way (same run, 2 cores).  *NumPy*: ``np.matmul``
+(BLAS's own threads), the bias gradient a column sum (``np.add.reduce``).
+``NumbaBackend(gemm="auto")`` (the default) takes the Numba-threaded path in
+float32 where threadpoolctl and scipy are installed and NumPy's otherwise
+(always in float64, the gradient-checking precision); ``gemm="numba"`` or
+``"numpy"`` forces one path in every dtype (the tests run both).
 
 Memory.  Per merge the training cache keeps only the gate activations
 (``5H`` + ``4H`` per unary layer); node states ``(h, c)`` and node gradients
@@ -96,6 +101,9 @@ else:
     from . import numba_kernels as K
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+# NumbaBackend(gemm=...): which GEMM path runs (see the module doc)
+GEMM_PATHS = ("auto", "numba", "numpy")
 
 # Leaf inputs with at most this many features are encoded inside the leaf
 # kernel (x @ leaf/w row by row: D multiply-adds per element, no GEMM and no
@@ -252,6 +260,15 @@ def _build_inference_plan(schedule: Schedule) -> _InferencePlan:
 
 
 # -------------------------------------------------------------- workspaces
+def empty_buffer(shape, dtype) -> np.ndarray:
+    """Every workspace, result and gradient buffer of this backend comes from
+    here: uninitialised memory, which every kernel writes before it reads.
+    The tests replace this function with one that fills buffers with a
+    poison pattern, so that a read before a write fails deterministically
+    instead of depending on what the allocator recycled."""
+    return np.empty(shape, dtype)
+
+
 class Workspace:
     """Preallocated buffers for one (schedule, batch, dtype, cell, sizes, mode)."""
 
@@ -268,10 +285,18 @@ class Workspace:
             raise AttributeError(name) from None
 
     def scratch(self, name: str, shape, dtype) -> np.ndarray:
-        """A named buffer allocated on first use and kept (e.g. GEMM partials)."""
+        """A named buffer allocated on first use and kept (e.g. GEMM partials).
+
+        Its contents are undefined, like every workspace buffer's: whatever
+        an earlier call (or the allocator) left there.  A caller writes every
+        element it reads, and never tests the contents to guess whether they
+        are initialised (``np.empty`` may return recycled memory that looks so).
+        """
         array = self.arrays.get(name)
-        if array is None or array.shape != tuple(shape):
-            array = np.empty(shape, dtype)
+        if array is None or array.shape != tuple(shape) or array.dtype != dtype:
+            if array is not None:
+                self.nbytes -= array.nbytes
+            array = empty_buffer(shape, dtype)
             self.arrays[name] = array
             self.nbytes += array.nbytes
         return array
@@ -293,7 +318,7 @@ class Workspace:
                 or sys.getrefcount(array) > 3):
             if index in pool:
                 self.nbytes -= pool[index].nbytes
-            array = np.empty(shape, dtype)
+            array = empty_buffer(shape, dtype)
             pool[index] = array
             self.nbytes += array.nbytes
         return array
@@ -379,18 +404,34 @@ class NumbaBackend(NumpyBackend):
             return f"numba is not installed or failed to import ({_NUMBA_ERROR}); pip install numba"
         return None
 
-    def __init__(self, max_workspaces: int = 8, max_workspace_bytes: int = 4 << 30):
+    def __init__(self, max_workspaces: int = 8, max_workspace_bytes: int = 4 << 30,
+                 gemm: str = "auto"):
+        """``gemm``: which GEMM path runs (module doc): ``"auto"`` (Numba-threaded
+        in float32 where threadpoolctl and scipy are installed, NumPy's
+        ``matmul`` otherwise), ``"numba"`` or ``"numpy"`` (that path in every
+        dtype: for tests and comparisons)."""
         reason = self.why_unavailable()
         if reason is not None:
             raise TreeschedError(f"backend 'numba' is not available here: {reason}")
+        if gemm not in GEMM_PATHS:
+            raise TreeschedError(f"gemm must be one of {', '.join(GEMM_PATHS)}, got {gemm!r}")
         super().__init__(np)
         self.workspaces = WorkspaceCache(max_workspaces, max_workspace_bytes)
         self.blas_threads = BlasThreads()
-        # GEMMs on Numba's threads (single-threaded BLAS per row block) when
-        # possible, else NumPy's matmul; settable, e.g. to compare the two.
-        self.numba_gemm = self.blas_threads.available
+        if gemm == "numba" and not self.blas_threads.available:
+            raise TreeschedError("gemm='numba' needs scipy (the BLAS Numba's np.dot calls) and "
+                                 "threadpoolctl; pip install scipy threadpoolctl")
+        self.gemm = gemm
         self._plans: OrderedDict = OrderedDict()
         self._inference_plans: OrderedDict = OrderedDict()
+
+    @classmethod
+    def parity_variants(cls) -> list:
+        """``[(label, backend)]``: the code paths ``treesched parity`` checks,
+        each GEMM path this machine can run (the default takes one of them
+        per dtype)."""
+        paths = ("numba", "numpy") if BlasThreads().available else ("numpy",)
+        return [(f"{path}-gemm", cls(gemm=path)) for path in paths]
 
     # ------------------------------------------------------------ helpers
     @staticmethod
@@ -459,7 +500,7 @@ class NumbaBackend(NumpyBackend):
         plan = self.plan(schedule)
         N, T, M = schedule.num_nodes, schedule.length, schedule.num_merges
         rmax = max(plan.widest, 1) * B
-        e = lambda *shape: np.empty(shape, dtype)  # noqa: E731
+        e = lambda *shape: empty_buffer(shape, dtype)  # noqa: E731
         arrays = {"xrows": e(T * B, D), "hs": e(N, B, H), "dhs": e(N, B, H),
                   "X": e(max(rmax, 2 * B), 2 * H), "hbuf": e(rmax, H),
                   "dummy2": e(1, 3 * H), "dummy3": e(1, 1, H)}
@@ -559,7 +600,7 @@ class NumbaBackend(NumpyBackend):
         iplan = self.inference_plan(schedule)
         T, S = schedule.length, iplan.num_slots
         rmax = max(schedule.widest, 1) * B
-        e = lambda *shape: np.empty(shape, dtype)  # noqa: E731
+        e = lambda *shape: empty_buffer(shape, dtype)  # noqa: E731
         # the rnn leaf runs as one GEMM into the scratch; the lstm leaf is fused
         # (or chunked through X), so its scratch holds one level's gates
         scratch = rmax * 5 * H if kind == "lstm" else max(T * B, rmax) * H
@@ -719,9 +760,12 @@ class NumbaBackend(NumpyBackend):
         return max(1, min(numba.get_num_threads(), rows // 64))
 
     def _numba_gemm(self, dtype):
-        """float32 GEMMs on Numba's threads; float64 (the gradient-checking
-        precision) takes NumPy's matmul and compiles no GEMM kernels."""
-        return self.numba_gemm and dtype == np.float32
+        """Whether this dtype's GEMMs run on Numba's threads.  By default only
+        float32's: float64 (the gradient-checking precision) takes NumPy's
+        matmul and compiles no GEMM kernels unless ``gemm="numba"`` asks."""
+        if self.gemm != "auto":
+            return self.gemm == "numba"
+        return self.blas_threads.available and dtype == np.float32
 
     def _nn(self, X, W, out):
         """``out = X @ W``."""
@@ -748,25 +792,27 @@ class NumbaBackend(NumpyBackend):
         dWt, db = acc
         if self._numba_gemm(dA.dtype):
             nk = _ksplit(dA.shape[0])
+            # scratch: gemm_tn_acc writes blocks 0..nk-1 of both before reading them
             partial = ws.scratch(f"partial{dWt.shape}", (KSPLIT_MAX,) + dWt.shape, dWt.dtype)
             colsum = ws.scratch(f"colsum{db.shape}", (KSPLIT_MAX,) + db.shape, db.dtype)
             K.gemm_tn_acc(dA, X, partial, colsum, nk, dWt, db, accumulate)
             return
-        ones = ws.scratch("ones", (max(dA.shape[0], 1),), dA.dtype)
-        if ones.shape[0] < dA.shape[0] or ones[0] != 1:
-            ones = np.ones(max(dA.shape[0], ones.shape[0]), dA.dtype)
-            ws.arrays["ones"] = ones
+        # The bias gradient is a column sum of dA, rows added in order (NumPy
+        # reduces a C-contiguous axis 0 row by row, single-threaded): no
+        # helper "ones" vector that could hold stale memory, and the same
+        # bits at any thread count.
         if not accumulate:
             np.matmul(dA.T, X, out=dWt)
-            np.matmul(ones[:dA.shape[0]], dA, out=db)
+            np.add.reduce(dA, axis=0, out=db)
         else:
             dWt += dA.T @ X
-            db += ones[:dA.shape[0]] @ dA
+            db += np.add.reduce(dA, axis=0)
 
     @staticmethod
     def _grad_buffers(layers, dtype):
         """Per layer ``(dW^T, db)``, filled by ``_tn``."""
-        return [(np.empty(W.shape[::-1], dtype), np.empty(b.shape, dtype)) for W, b in layers]
+        return [(empty_buffer(W.shape[::-1], dtype), empty_buffer(b.shape, dtype))
+                for W, b in layers]
 
     def _lstm_backward(self, L, H, layers, ws, plan, B, T, need_dx):
         dtype = ws.hs.dtype
@@ -815,7 +861,7 @@ class NumbaBackend(NumpyBackend):
         # element) in chunks of the level scratch instead of cached.
         Wl, bl = layers[0]
         xr = ws.xrows
-        dx = np.empty((T * B, xr.shape[1]), dtype) if need_dx else None
+        dx = empty_buffer((T * B, xr.shape[1]), dtype) if need_dx else None
         for t0, t1, A in self._leaf_chunks(ws, T, B, 3 * H):
             r0, r1 = t0 * B, t1 * B
             fused = xr.shape[1] <= FUSED_LEAF_MAX_D
@@ -865,4 +911,4 @@ class NumbaBackend(NumpyBackend):
         return [g if done else None for g, done in zip(grads, started)], dx
 
 
-__all__ = ["NumbaBackend", "FusedTape", "Workspace", "WorkspaceCache"]
+__all__ = ["NumbaBackend", "FusedTape", "Workspace", "WorkspaceCache", "GEMM_PATHS"]

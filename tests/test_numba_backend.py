@@ -2,7 +2,17 @@
 
 Parity: outputs and gradients agree with the numpy backend to 1e-5 relative
 in float32 and 1e-10 in float64, for every pattern, both cells, 1-3 layers,
-padded batches (``lengths``), at the backend and at the model level.
+odd batch sizes and lengths (1, 2, 3, 5, 7, 13, 41, and one shape past the
+512 rows where the weight-gradient GEMM splits its K axis), padded batches
+(``lengths``), on *both* GEMM paths (``NumbaBackend(gemm="numba")``, the
+Numba-threaded GEMMs, and ``gemm="numpy"``, NumPy's matmul: the default takes
+one or the other by dtype and by what is installed), at the backend and at
+the model level.  A bias gradient once summed rows against a half-initialised
+"ones" buffer: right at some shapes, 10-100% off at others (batch 3, length
+7), so the shapes matter, and whether fresh memory happens to look right
+is the allocator's luck: in this module every buffer the numba backend
+allocates starts as a poison pattern (``numba_backend.empty_buffer``
+patched), so a read before a write fails every time.
 Machinery: workspace reuse (a second call allocates nothing), bitwise
 reproducibility, the on-disk kernel cache (a second process compiles
 nothing), a clean reason when numba is missing, the generic fallback.
@@ -25,12 +35,49 @@ from treesched.ops import LSTMCell, get_cell
 
 pytest.importorskip("numba")
 
-from treesched.backends import numba_kernels  # noqa: E402
-from treesched.backends.numba_backend import FusedTape, NumbaBackend  # noqa: E402
+from treesched.backends import numba_backend, numba_kernels  # noqa: E402
+from treesched.backends.numba_backend import BlasThreads, FusedTape, NumbaBackend  # noqa: E402
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 PATTERNS = ("odd-even", "sequential", "sklansky", "kogge-stone", "reduce")
 D, H, B = 3, 8, 3
+ODD_LENGTHS = (1, 2, 3, 5, 7, 13, 41)
+# (batch, length): odd batches by odd lengths, and one shape whose widest
+# levels pass 512 rows (kogge-stone: 40 merges x 13; the rnn leaf: 41 x 13)
+SHAPES = tuple((b, t) for b in (1, 3) for t in ODD_LENGTHS) + ((13, 41),)
+NUMBA_GEMM_AVAILABLE = BlasThreads().available
+GEMM = [pytest.param("numba", marks=pytest.mark.skipif(
+            not NUMBA_GEMM_AVAILABLE, reason="the Numba-threaded GEMMs need scipy and "
+                                             "threadpoolctl")),
+        "numpy"]
+
+
+POISONS = {
+    # element 0 is 1.0 (what the old "ones" check looked at), then NaN: any
+    # read before a write turns a result into NaN ...
+    "nan": np.array([1.0, np.nan, np.nan, np.nan]),
+    # ... or, finite and large (a NaN can hide behind a comparison: relu)
+    "garbage": np.array([1.0, -3.5e4, 2.5e4, 7.0]),
+    "mixed": np.array([1.0, np.nan, -3.5e4, 7.0]),
+}
+
+
+def poisoner(pattern):
+    """An ``empty_buffer`` whose buffers start as ``pattern``, repeated."""
+    def poisoned(shape, dtype):
+        array = np.empty(shape, dtype)
+        flat = array.reshape(-1)
+        flat[:] = pattern[np.arange(flat.size) % len(pattern)]
+        return array
+    return poisoned
+
+
+@pytest.fixture(scope="module", autouse=True)
+def poisoned_allocations():
+    """Every buffer the numba backend allocates in this module starts poisoned."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(numba_backend, "empty_buffer", poisoner(POISONS["mixed"]))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +88,20 @@ def nb():
 @pytest.fixture(scope="module")
 def ref():
     return get_backend("numpy")
+
+
+@pytest.fixture(scope="module")
+def by_gemm():
+    """One backend per GEMM path, shared by the tests of a module run (as the
+    default instance is): their workspaces see many shapes one after another."""
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = NumbaBackend(gemm=path)
+        return cache[path]
+
+    return get
 
 
 def close(actual, expected, tol, what=""):
@@ -82,66 +143,127 @@ def check(results, tol, label):
         close(dx_nb, dx_ref, tol, f"{label} dx")
 
 
-# ------------------------------------------------------------------- parity
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
-@pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_parity_every_pattern(nb, ref, dtype, cell_name, num_layers):
+def sweep(backend, ref, dtype, cell_name, num_layers, shapes=SHAPES, patterns=PATTERNS):
+    """Every pattern at every (batch, length), one backend instance throughout."""
     cell = get_cell(cell_name, num_layers)
     params = make_params(cell, dtype, seed=num_layers)
     g = np.random.default_rng(7)
-    for pattern in PATTERNS:
-        for length in (1, 2, 7, 13):
+    for batch, length in shapes:
+        for pattern in patterns:
             outputs = "last" if pattern == "reduce" else "all"
             schedule = treesched.compile(length, pattern, outputs)
-            x = g.standard_normal((B, length, D)).astype(dtype)
-            results = run_both(nb, ref, cell, params, x, schedule,
+            x = g.standard_normal((batch, length, D)).astype(dtype)
+            results = run_both(backend, ref, cell, params, x, schedule,
                                both_dstates=(length % 2 == 1))
-            check(results, TOL[dtype], f"{cell_name} L={num_layers} {pattern} T={length}")
+            check(results, TOL[dtype],
+                  f"{cell_name} L={num_layers} {pattern} B={batch} T={length}")
 
 
+# ------------------------------------------------------------------- parity
+@pytest.mark.parametrize("gemm", GEMM)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_parity_pruned_outputs_and_wide_inputs(nb, ref, dtype):
+@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+def test_parity_every_pattern_and_odd_shape(by_gemm, ref, gemm, dtype, cell_name, num_layers):
+    sweep(by_gemm(gemm), ref, dtype, cell_name, num_layers)
+
+
+def test_parity_default_instance(nb, ref):
+    """The shared ``get_backend("numba")`` (gemm="auto") at the shape of the bug report."""
+    for dtype in (np.float32, np.float64):
+        sweep(nb, ref, dtype, "rnn", 3, shapes=((3, 7), (3, 13), (1, 5)))
+
+
+@pytest.mark.parametrize("gemm", GEMM)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parity_pruned_outputs_and_wide_inputs(by_gemm, ref, gemm, dtype):
     """Last-k outputs (pruned schedules), and D above the fused-leaf limit (BLAS leaf)."""
     g = np.random.default_rng(3)
     for d in (D, 24):
         cell = get_cell("lstm", 2)
         params = make_params(cell, dtype, seed=d, d=d)
-        for outputs in ("last", 3):
-            schedule = treesched.compile(11, "odd-even", outputs)
-            x = g.standard_normal((B, 11, d)).astype(dtype)
-            check(run_both(nb, ref, cell, params, x, schedule), TOL[dtype],
-                  f"d={d} outputs={outputs}")
+        for batch in (1, 3):
+            for outputs in ("last", 3):
+                schedule = treesched.compile(11, "odd-even", outputs)
+                x = g.standard_normal((batch, 11, d)).astype(dtype)
+                check(run_both(by_gemm(gemm), ref, cell, params, x, schedule), TOL[dtype],
+                      f"d={d} B={batch} outputs={outputs}")
 
 
-def test_parity_numpy_gemm_path(ref):
-    """NumPy's matmul instead of the Numba-threaded GEMMs (no threadpoolctl/scipy)."""
-    backend = NumbaBackend()
-    backend.numba_gemm = False
-    cell = get_cell("lstm", 3)
-    params = make_params(cell, np.float32)
-    x = np.random.default_rng(0).standard_normal((B, 9, D)).astype(np.float32)
-    schedule = treesched.compile(9)
-    check(run_both(backend, ref, cell, params, x, schedule), 1e-5, "numpy gemm")
+@pytest.mark.parametrize("poison", ["nan", "garbage"])
+@pytest.mark.parametrize("gemm", GEMM)
+def test_poisoned_buffers(monkeypatch, ref, gemm, poison):
+    """Fresh workspaces (scratch, results, gradients) under each poison alone:
+    results must not change."""
+    monkeypatch.setattr(numba_backend, "empty_buffer", poisoner(POISONS[poison]))
+    backend = NumbaBackend(gemm=gemm)  # fresh workspaces, all poisoned
+    shapes = ((1, 1), (3, 2), (3, 7), (1, 13), (3, 13), (13, 41))
+    for dtype in (np.float32, np.float64):
+        for cell_name in ("lstm", "rnn"):
+            for num_layers in (1, 2, 3):
+                sweep(backend, ref, dtype, cell_name, num_layers, shapes=shapes)
+        cell = get_cell("lstm", 3)
+        params = make_params(cell, dtype, seed=5, d=24)
+        for outputs in ("last", 2):  # pruned schedules, the BLAS leaf
+            schedule = treesched.compile(9, "kogge-stone", outputs)
+            x = np.random.default_rng(2).standard_normal((3, 9, 24)).astype(dtype)
+            check(run_both(backend, ref, cell, params, x, schedule), TOL[dtype],
+                  f"poisoned d=24 outputs={outputs}")
 
 
+def test_gemm_path_selection(monkeypatch):
+    """``gemm``: "auto" = Numba-threaded in float32 where possible, NumPy's in
+    float64; "numba" / "numpy" force one path in every dtype."""
+    calls = []
+    for name in ("gemm_nn", "gemm_nt", "gemm_tn_acc"):
+        kernel = getattr(numba_kernels, name)
+        monkeypatch.setattr(numba_kernels, name,
+                            lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
+    cell = get_cell("lstm", 2)
+
+    def used(backend, dtype):
+        calls.clear()
+        params = make_params(cell, dtype)
+        x = np.ones((3, 5, D), dtype)
+        states, tape = backend.encode(cell, params, x, treesched.compile(5), True)
+        backend.encode_backward(cell, params, tape, (np.ones_like(states[0]), None))
+        return set(calls)
+
+    every = {"gemm_nn", "gemm_nt", "gemm_tn_acc"}
+    auto = NumbaBackend()
+    assert auto.gemm == "auto"
+    assert used(auto, np.float64) == set()
+    assert used(auto, np.float32) == (every if NUMBA_GEMM_AVAILABLE else set())
+    for dtype in (np.float32, np.float64):
+        assert used(NumbaBackend(gemm="numpy"), dtype) == set()
+        if NUMBA_GEMM_AVAILABLE:
+            assert used(NumbaBackend(gemm="numba"), dtype) == every
+    with pytest.raises(TreeschedError, match="gemm"):
+        NumbaBackend(gemm="blas")
+    labels = [label for label, _ in NumbaBackend.parity_variants()]
+    assert labels == (["numba-gemm", "numpy-gemm"] if NUMBA_GEMM_AVAILABLE else ["numpy-gemm"])
+
+
+@pytest.mark.parametrize("gemm", GEMM)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("cell_name,num_layers", [("lstm", 1), ("lstm", 2), ("lstm", 3),
                                                   ("rnn", 1), ("rnn", 2), ("rnn", 3)])
-def test_model_parity_with_lengths(dtype, cell_name, num_layers):
-    """PRLSTM(backend="numba") == PRLSTM(backend="numpy") on a padded batch."""
+def test_model_parity_with_lengths(by_gemm, gemm, dtype, cell_name, num_layers):
+    """PRLSTM on numba == PRLSTM on numpy on a padded batch (odd batch, mixed lengths)."""
     tol = TOL[np.dtype(dtype).type]
     g = np.random.default_rng(11)
-    length, lengths = 10, np.array([10, 4, 7, 2])
-    x = g.standard_normal((4, length, D)).astype(dtype)
-    for pattern, outputs in (("odd-even", "all"), ("kogge-stone", "last"), ("sequential", 2)):
+    length, lengths = 13, np.array([13, 4, 7, 2, 1])
+    x = g.standard_normal((5, length, D)).astype(dtype)
+    for pattern, outputs in (("odd-even", "all"), ("kogge-stone", "last"), ("sequential", 1),
+                             ("sklansky", "all")):
         models = [treesched.PRLSTM(D, H, 3, num_layers=num_layers, cell=cell_name,
-                                   pattern=pattern, backend=name, dtype=dtype, seed=5)
-                  for name in ("numpy", "numba")]
+                                   pattern=pattern, backend="numpy", dtype=dtype, seed=5)
+                  for _ in range(2)]
+        models[1].backend = by_gemm(gemm)
         y_ref, y_nb = (m.forward(x, lengths=lengths, outputs=outputs) for m in models)
         close(y_nb, y_ref, tol, f"{pattern} forward")
         k = length if outputs == "all" else (1 if outputs == "last" else outputs)
-        targets = np.eye(3, dtype=dtype)[g.integers(0, 3, (4, k))]
+        targets = np.eye(3, dtype=dtype)[g.integers(0, 3, (5, k))]
         (l_ref, g_ref, _), (l_nb, g_nb, _) = (
             m.loss_and_grads(x, targets, lengths=lengths) for m in models)
         assert abs(l_nb - l_ref) <= tol * abs(l_ref)
@@ -150,14 +272,20 @@ def test_model_parity_with_lengths(dtype, cell_name, num_layers):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_parity_report_every_pattern_cell_and_depth(dtype):
-    """The project's parity tool (``treesched parity``): states, logits and every
-    gradient on a padded batch of mixed lengths, at the backend tests' tolerance."""
-    from treesched.parity import run_parity
-    report = run_parity("numba", dtype=dtype, length=23, batch=3, hidden=8, layers=(1, 2, 3))
+def test_parity_report_default_sweep(dtype):
+    """The project's parity tool (``treesched parity``) with its default sweep:
+    odd batches and lengths, every pattern, cell and depth, both GEMM paths,
+    states, logits and every gradient at the backend tests' tolerance."""
+    from treesched.parity import BATCHES, LENGTHS, run_parity
+    report = run_parity("numba", dtype=dtype, hidden=8)
+    assert report.lengths == LENGTHS and report.batches == BATCHES
+    assert report.variants == (("numba-gemm", "numpy-gemm") if NUMBA_GEMM_AVAILABLE
+                               else ("numpy-gemm",))
+    configs = {(c.cell, c.pattern, c.num_layers) for c in report.cases}
+    assert len(configs) == 2 * len(PATTERNS) * 3
     tolerance = TOL[np.dtype(dtype).type]
-    worst = max(case.rel_error for case in report.cases)
-    assert report.passed and worst <= tolerance, report.format_table()
+    worst = report.worst()
+    assert report.passed and worst.rel_error <= tolerance, report.format_table()
 
 
 @pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
@@ -230,11 +358,13 @@ def test_results_are_fresh_and_tapes_never_share(nb):
         nb.encode_backward(cell, params, t1, dstates)
 
 
-def test_bitwise_deterministic(nb):
+@pytest.mark.parametrize("gemm", GEMM)
+def test_bitwise_deterministic(by_gemm, gemm):
     # kogge-stone: operands shared within a level (the accumulation's hard case)
     for cell_name, pattern in (("lstm", "odd-even"), ("lstm", "kogge-stone"), ("rnn", "odd-even")):
-        model = treesched.PRLSTM(D, H, 3, cell=cell_name, pattern=pattern, backend="numba",
+        model = treesched.PRLSTM(D, H, 3, cell=cell_name, pattern=pattern, backend="numpy",
                                  seed=2)
+        model.backend = by_gemm(gemm)
         g = np.random.default_rng(4)
         x = g.standard_normal((5, 33, D)).astype(np.float32)
         targets = np.eye(3, dtype=np.float32)[g.integers(0, 3, (5, 33))]
