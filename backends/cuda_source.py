@@ -116,10 +116,9 @@ def _param(text: str) -> Param:
     raise ValueError(f"unsupported scalar parameter {text!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def kernel_signatures() -> dict:
-    """``{kernel name: (Param, ...)}`` parsed from ``module_source()``."""
-    source = re.sub(r"//[^\n]*", "", module_source())
+def parse_signatures(source: str) -> dict:
+    """``{kernel name: (Param, ...)}`` of every ``extern "C" __global__`` kernel in ``source``."""
+    source = re.sub(r"//[^\n]*", "", source)
     signatures = {}
     for match in _KERNEL.finditer(source):
         name, params = match.group(1), match.group(2)
@@ -129,11 +128,27 @@ def kernel_signatures() -> dict:
     return signatures
 
 
+@functools.lru_cache(maxsize=None)
+def kernel_signatures() -> dict:
+    """``{kernel name: (Param, ...)}`` parsed from ``module_source()``."""
+    return parse_signatures(module_source())
+
+
 def kernel_names() -> tuple:
     return tuple(kernel_signatures())
 
 
 _SCALAR_TYPES = {"int": np.int32, "index": np.int64}
+
+#: What a NULL pointer argument is handed to the driver as: an explicit
+#: 64-bit zero.  CuPy does not turn ``None`` into NULL (cupy/cupy#9046: it
+#: arrives as 0xffffffff, so every ``if (ptr)`` in a kernel would be true).
+NULL = np.uint64(0)
+
+
+def launch_arguments(args: tuple) -> tuple:
+    """``args`` as the driver must receive them: ``None`` (no pointer) as :data:`NULL`."""
+    return tuple(NULL if value is None else value for value in args)
 
 
 def check_arguments(name: str, args: tuple, dtype, is_array) -> None:
@@ -170,5 +185,5 @@ def check_arguments(name: str, args: tuple, dtype, is_array) -> None:
 
 
 __all__ = ["CUDA_DIR", "KERNEL_FILES", "CUPY_IMPLICIT_OPTIONS", "module_source", "expand",
-           "nvrtc_options", "real_type", "kernel_signatures", "kernel_names", "check_arguments",
-           "Param"]
+           "nvrtc_options", "real_type", "parse_signatures", "kernel_signatures", "kernel_names",
+           "check_arguments", "launch_arguments", "NULL", "Param"]

@@ -122,6 +122,15 @@ def check_gemm_operands(a, b, out, trans_a, trans_b):
     return plan
 
 
+def address(array) -> int:
+    """The address of ``array``'s first element: a CuPy array's device pointer,
+    or, for a NumPy array (the CPU runtime the tests run the kernels on), its
+    host address."""
+    if isinstance(array, np.ndarray):
+        return array.ctypes.data
+    return array.data.ptr
+
+
 # ==================================================================== CUDA
 class CudaLauncher:
     """Runs the kernels (``cupy.RawModule``) and GEMMs (cuBLAS) on the current stream.
@@ -131,18 +140,34 @@ class CudaLauncher:
         (``CUBLAS_COMPUTE_32F_FAST_TF32``); otherwise ``CUBLAS_COMPUTE_32F``.
       validate: check every launch's arguments against the kernel signature
         parsed from the source (a few microseconds; graphs replay without it).
+      threads_per_block, blocks_per_sm: the launch shape.  Every kernel is a
+        grid-stride loop, so any shape is correct; the grid is
+        ``min(ceil(total / threads_per_block), blocks_per_sm * SM count)``.
+      cupy, cublas: the runtime modules (default: CuPy and its cuBLAS
+        binding).  The tests hand in a CPU runtime that runs the same CUDA C
+        compiled by g++ (``tests/cuda_on_cpu.py``).
     """
 
-    def __init__(self, allow_tf32: bool = False, validate: bool = True):
-        import cupy
-        try:
-            from cupy_backends.cuda.libs import cublas
-        except ImportError:  # pragma: no cover - older layouts
-            from cupy.cuda import cublas
+    def __init__(self, allow_tf32: bool = False, validate: bool = True, *,
+                 threads_per_block: int = BLOCK, blocks_per_sm: int = BLOCKS_PER_SM,
+                 cupy=None, cublas=None):
+        if cupy is None:
+            import cupy
+        if cublas is None:
+            try:
+                from cupy_backends.cuda.libs import cublas
+            except ImportError:  # pragma: no cover - older layouts
+                from cupy.cuda import cublas
+        for what, value in (("threads_per_block", threads_per_block),
+                            ("blocks_per_sm", blocks_per_sm)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TreeschedError(f"{what} must be a positive integer, got {value!r}")
         self.cp = cupy
         self.cublas = cublas
         self.allow_tf32 = bool(allow_tf32)
         self.validate = validate
+        self.threads_per_block = threads_per_block
+        self.blocks_per_sm = blocks_per_sm
         self._modules: dict = {}    # (device, dtype name) -> (RawModule, {name: RawKernel})
         self._handles: dict = {}    # device -> cuBLAS handle (ours, not CuPy's)
         self._max_blocks: dict = {}
@@ -177,7 +202,7 @@ class CudaLauncher:
             self.cublas.setMathMode(handle, 0)  # CUBLAS_DEFAULT_MATH: TF32 only via compute type
             self._handles[device] = handle
             props = self.cp.cuda.runtime.getDeviceProperties(device)
-            self._max_blocks[device] = BLOCKS_PER_SM * int(props.get("multiProcessorCount", 132))
+            self._max_blocks[device] = self.blocks_per_sm * int(props.get("multiProcessorCount", 132))
         return handle
 
     def prepare(self, dtype) -> None:
@@ -205,8 +230,9 @@ class CudaLauncher:
             cuda_source.check_arguments(name, args, dtype, self.is_array)
         function = self._functions(dtype)[name]
         self._handle()
-        grid = min((int(total) + BLOCK - 1) // BLOCK, self._max_blocks[self._device()])
-        function((grid,), (BLOCK,), args)
+        block = self.threads_per_block
+        grid = min((int(total) + block - 1) // block, self._max_blocks[self._device()])
+        function((grid,), (block,), cuda_source.launch_arguments(args))
 
     def gemm(self, a, b, out, trans_a: bool = False, trans_b: bool = False) -> None:
         """``out = op(a) @ op(b)`` in cuBLAS, on the current stream, no allocation."""
@@ -223,17 +249,18 @@ class CudaLauncher:
             compute = cublas.CUBLAS_COMPUTE_32F
         data_type = self._data_type[dtype]
         cublas.gemmEx(handle, transa, transb, m, n, k,
-                      self._one[dtype].ctypes.data, b.data.ptr, data_type, lda,
-                      a.data.ptr, data_type, ldb,
-                      self._zero[dtype].ctypes.data, out.data.ptr, data_type, ldc,
+                      self._one[dtype].ctypes.data, address(b), data_type, lda,
+                      address(a), data_type, ldb,
+                      self._zero[dtype].ctypes.data, address(out), data_type, ldc,
                       compute, cublas.CUBLAS_GEMM_DEFAULT)
 
 
 class CudaGraphs:
     """Capture on a private non-blocking stream; replay on the caller's stream."""
 
-    def __init__(self):
-        import cupy
+    def __init__(self, *, cupy=None):
+        if cupy is None:
+            import cupy
         self.cp = cupy
         self._streams: dict = {}
 
@@ -776,7 +803,6 @@ class CupyBackend:
         if cell.name != ws.cell or cell.num_layers != ws.num_layers:
             raise TreeschedError(f"tape was recorded for a {ws.cell} cell with {ws.num_layers} "
                                  f"layers, not {cell!r}")
-        xp = self.xp
         states = 2 if ws.cell == "lstm" else 1
         if not isinstance(dstates, (tuple, list)) or len(dstates) != states:
             raise TreeschedError(f"dstates must be a tuple of {states} arrays or None")
@@ -805,8 +831,10 @@ class CupyBackend:
         grads = {name: value.copy() for name, value in ws.grads.items()}
         dx = None
         if need_dx:
-            dx = xp.ascontiguousarray(
-                ws.dx_rows.reshape(ws.length, ws.batch, ws.inputs).transpose(1, 0, 2))
+            # copy(), not ascontiguousarray(): with batch or length 1 the
+            # transposed view is already contiguous, and the caller would get
+            # the workspace itself, overwritten by the next backward
+            dx = ws.dx_rows.reshape(ws.length, ws.batch, ws.inputs).transpose(1, 0, 2).copy()
         return grads, dx
 
     def _weight_grads(self, ws, inputs, deltas, leaf_input, leaf_delta, need_dx):

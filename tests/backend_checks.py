@@ -1,0 +1,60 @@
+"""Shared helpers of the backend tests: random cases and comparisons with the
+NumPy reference executor."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import treesched
+from treesched.ops import LSTMCell, RNNCell
+
+
+def make_params(cell, inputs, hidden, rng, dtype):
+    return {name: (0.5 * rng.standard_normal(shape)).astype(dtype)
+            for name, shape in cell.param_shapes(inputs, hidden).items()}
+
+
+def make_case(cell_name, layers, pattern, length, batch=3, inputs=3, hidden=4, dtype=np.float64,
+              seed=0, outputs=None):
+    rng = np.random.default_rng(seed)
+    cell = LSTMCell(layers) if cell_name == "lstm" else RNNCell(layers)
+    params = make_params(cell, inputs, hidden, rng, dtype)
+    x = rng.standard_normal((batch, length, inputs)).astype(dtype)
+    if outputs is None:
+        outputs = "last" if pattern == "reduce" else "all"
+    schedule = treesched.compile(length, pattern, outputs)
+    return cell, params, x, schedule, rng
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) if b.size else 0.0
+
+
+def assert_close(got, want, tol, what):
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    err = rel(got, want)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
+
+
+def compare_once(backend, reference, cell, params, x, schedule, rng, tol, need_dx=True):
+    """Forward (both plans) and backward of ``backend`` against ``reference``."""
+    want_inf, _ = reference.encode(cell, params, x, schedule, need_grad=False)
+    got_inf, _ = backend.encode(cell, params, x, schedule, need_grad=False)
+    for index, (g, w) in enumerate(zip(got_inf, want_inf)):
+        assert_close(g, w, tol, f"inference state {index}")
+    want, want_tape = reference.encode(cell, params, x, schedule, need_grad=True)
+    got, tape = backend.encode(cell, params, x, schedule, need_grad=True)
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, tol, f"training state {index}")
+    dstates = tuple(rng.standard_normal(w.shape).astype(x.dtype) for w in want)
+    want_grads, want_dx = reference.encode_backward(cell, params, want_tape, dstates, need_dx)
+    got_grads, got_dx = backend.encode_backward(cell, params, tape, dstates, need_dx)
+    for name, value in want_grads.items():
+        assert_close(got_grads[name], value, tol, f"grad {name}")
+    for name, value in got_grads.items():
+        if name not in want_grads:  # the reference leaves out params no level touched
+            assert not np.any(value), name
+    if need_dx:
+        assert_close(got_dx, want_dx, tol, "dx")
+    return got_grads
