@@ -1,35 +1,71 @@
-"""Numba kernels of the ``numba`` backend (see ``numba_backend.py``).
+"""Numba kernels of the ``numba`` backend: the executor's primitives (``numba_backend.py``).
+
+The kernels know nothing of a model: each is one primitive of
+``treesched.executor.Backend`` (or its elementwise part, after a GEMM) over
+*rows*.  A row is one (merge, batch element) pair of a level, or one
+(position, batch element) pair of the leaves: row ``r = j * B + b``.  A
+*store* is ``(locations, B, H)``; row ``(j, b)`` of a store read through an
+index table is ``store[index[j], b, :]``.
+
+The gated layer is ONE kernel for every layer of every gated cell:
+``gated_forward`` takes ``num_prev`` (0, 1 or 2 gated previous cells, each a
+``(store, index)`` pair) and does the bias, the gate nonlinearities, the cell
+update ``c = i g + Σ f_k c_k``, ``h = o tanh(c)``, the writes of ``(h, c)`` to
+their stores and of the answers, in one pass over the rows.  When the layer's
+input is narrow (the leaf's few features) the projection ``x[r] @ W`` runs
+inside the kernel too, so that layer needs no GEMM and no ``(R, blocks * H)``
+buffer.  ``gated_backward`` (also by ``num_prev``) turns the activations into
+the pre-activation gradients in place and writes the gated cells' gradients;
+``gated_cells`` and ``hidden_from_cells`` recompute what the backward does not
+cache, with the same row helpers in the same order as the forward, so the
+recomputed values are bitwise the forward's.  The affine layer's kernel adds
+the bias, rectifies and scatters after its GEMM.  ``accumulate_operands``
+sums the operand gradients of a level into the node gradient stores.
+
+Optional arguments are explicit flags with placeholder arrays (the backend's
+``no_rows`` / ``no_store`` / ``no_index``), not ``None``: Numba compiles one
+specialization per combination of argument types, so ``None`` would multiply
+the compiled variants; with flags each kernel compiles once per dtype.  The
+flags are tested per row, outside the vectorized loops over the H columns.
 
 Every kernel is ``@njit(parallel=True, cache=True, fastmath=False)`` and
-loops ``prange`` over *rows* (one row = one (merge, batch element) pair, or
-one (node, batch element) pair); the inner loop runs over the H columns of a
-gate block and is what LLVM vectorizes.  No kernel reduces across rows, so
-results never depend on the thread count or the timing (bitwise
-reproducible).
+loops ``prange`` over rows (or chunks of ``_CHUNK`` rows sharing one scratch
+row); the inner loops run over the H columns of a gate block and are what
+LLVM vectorizes.  No kernel reduces across rows in a thread-dependent order
+and none uses atomics: results do not depend on the thread count or the
+timing (bitwise reproducible).  The operand gradients are summed per target
+node over a fixed consumer list (the plan's CSR); the weight gradient's row
+axis is split into a number of blocks that depends on the rows only.
 
 Written for the vectorizer: each row is cut into per-gate slices (indexing
 ``a[H + k]`` with a runtime ``H`` costs a negative-index check that blocks
 vectorization; ``a_g = a[H:2 * H]; a_g[k]`` does not), and each inner loop
-touches at most four arrays so LLVM's runtime alias checks stay within its
-limit.  A row is a few KiB, so the several short loops over it run from L1.
-``error_model="numpy"`` drops Python's ZeroDivisionError branch from float
-division (it, too, blocks vectorization); it is not fastmath: IEEE
-semantics are kept.
-
-Row layout.  A level of ``w`` merges over a batch of ``B`` has ``R = w * B``
-rows, row ``r = j * B + b`` for merge ``j`` and batch element ``b``.  Node
-stores are node-major ``(nodes, B, H)``, so row ``(j, b)`` of a node reads
-``store[node[j], b, :]``.
+touches few arrays so LLVM's runtime alias checks stay within its limit.  A
+row is a few KiB, so the several short loops over it run from L1; values a
+row needs between loops and does not output (the activations in inference,
+``tanh(c)``, the gradient reaching ``c``) live in a per-chunk scratch row,
+and so does ``c`` when the caller says its output store is also the cell it
+gates (a unary layer updating its cell in place).  In-place and out-of-place
+helpers are separate functions on purpose: a loop whose destination *may*
+alias its source gets a runtime overlap check, and an exact overlap (in
+place) sends it down the scalar path.  ``error_model="numpy"`` drops
+Python's ZeroDivisionError branch from float division (it, too, blocks
+vectorization); it is not fastmath: IEEE semantics are kept.
 
 Arithmetic runs in the arrays' own dtype: every constant goes through
 ``_const(array, value)`` so float32 kernels never widen to float64.  The
 nonlinearities are written as the reference computes them
 (``σ(a) = 0.5 * tanh(0.5 * a) + 0.5``, ops/xp.py).  ``tanh`` in float32 is a
 branch-free rational approximation (Eigen's ``generic_fast_tanh_float``,
-evaluated with fused multiply-adds: max error 2.7e-7 relative, about 2 ulp)
-that LLVM vectorizes; libm's scalar ``tanhf`` is about 20x slower here.  In float64 it is ``math.tanh``
+evaluated with fused multiply-adds, about 2 ulp) that LLVM vectorizes, where
+libm's scalar ``tanhf`` does not vectorize.  In float64 it is ``math.tanh``
 (accurate to the ulp: the float64 backend is the one used to check
 gradients).
+
+GEMMs run BLAS on Numba's threads: each ``prange`` iteration makes one
+single-threaded BLAS call (Numba's ``np.dot``) on its block of rows, while
+the backend limits the BLAS libraries to one thread for the pass
+(``numba_backend.BlasThreads``).
 """
 
 from __future__ import annotations
@@ -109,10 +145,6 @@ def _tanh_overload(x):
 _CHUNK = 16  # rows per prange iteration in kernels that need a scratch row
 
 
-# In-place and out-of-place variants are separate functions on purpose: a
-# loop whose destination *may* alias its source gets a runtime overlap check,
-# and an exact overlap (in place) sends it down the scalar path.
-
 @njit(**_INLINE)
 def _sigmoid_bias(dst, a, bias):
     """``dst = σ(a + bias)``, as ``0.5 * tanh(0.5 * x) + 0.5`` (dst distinct from a)."""
@@ -142,7 +174,7 @@ def _tanh_bias_inplace(a, bias):
 
 @njit(**_INLINE)
 def _gates_into(dst, a, bias, H):
-    """Gate activations ``[σ(i), tanh(g), σ(o), σ(f..)]`` of ``a + bias`` into dst."""
+    """Activations ``[σ(i), tanh(g), σ(o), σ(f_1..N)]`` of ``a + bias`` into dst."""
     _sigmoid_bias(dst[:H], a[:H], bias[:H])
     _tanh_bias(dst[H:2 * H], a[H:2 * H], bias[H:2 * H])
     _sigmoid_bias(dst[2 * H:], a[2 * H:], bias[2 * H:])
@@ -156,8 +188,8 @@ def _gates_inplace(a, bias, H):
 
 
 @njit(**_INLINE)
-def _affine_row(dst, x, W):
-    """``dst = x @ W`` for one row with a short x (the leaf input, D features)."""
+def _project_row(dst, x, W):
+    """``dst = x @ W`` for one row with a short x (a few features)."""
     for k in range(dst.shape[0]):
         dst[k] = 0
     for d in range(x.shape[0]):
@@ -180,7 +212,13 @@ def _add(dst, src):
 
 
 @njit(**_INLINE)
-def _gated_c(c, i, g):
+def _zero(dst):
+    for k in range(dst.shape[0]):
+        dst[k] = 0
+
+
+@njit(**_INLINE)
+def _product(c, i, g):
     for k in range(c.shape[0]):
         c[k] = i[k] * g[k]
 
@@ -192,11 +230,15 @@ def _add_product(c, f, cp):
 
 
 @njit(**_INLINE)
-def _unary_c(c, i, g, f, cp):
-    """``c = i * g + f * cp`` (c may alias cp)."""
-    for k in range(c.shape[0]):
-        ig = i[k] * g[k]
-        c[k] = ig + f[k] * cp[k]
+def _cell_update(c, a, H, num_prev, first_cells, first_index, second_cells, second_index,
+                 j, b):
+    """``c = i g + f_1 c_1 + f_2 c_2`` (the first ``num_prev`` terms) from the
+    activations ``a``; ``c`` must not be one of the sources."""
+    _product(c, a[:H], a[H:2 * H])
+    if num_prev >= 1:
+        _add_product(c, a[3 * H:4 * H], first_cells[first_index[j], b])
+    if num_prev >= 2:
+        _add_product(c, a[4 * H:5 * H], second_cells[second_index[j], b])
 
 
 @njit(**_INLINE)
@@ -213,27 +255,18 @@ def _tanh_into(t, c):
 
 @njit(**_INLINE)
 def _dc_total(dct, dh, o, t, dc):
-    """``dc~ = dh * o * (1 - t²) + dc``: the gradient reaching c."""
+    """``dc~ = dh * o * (1 - t²) + dc``: the gradient reaching c (t = tanh(c))."""
     one = _const(dct, 1.0)
     for k in range(dct.shape[0]):
         dct[k] = dh[k] * o[k] * (one - t[k] * t[k]) + dc[k]
 
 
 @njit(**_INLINE)
-def _dc_total_c(dct, dh, o, c):
-    """``dc~ = dh * o * (1 - tanh(c)²) + dc~`` in place (dct holds dc)."""
+def _dc_through_h(dct, dh, o, t):
+    """``dc~ = dh * o * (1 - t²)``: the gradient reaching c when none comes from above."""
     one = _const(dct, 1.0)
     for k in range(dct.shape[0]):
-        t = _tanh(c[k])
-        dct[k] = dh[k] * o[k] * (one - t * t) + dct[k]
-
-
-@njit(**_INLINE)
-def _d_out_gate_c(o, dh, c):
-    one = _const(o, 1.0)
-    for k in range(o.shape[0]):
-        ok = o[k]
-        o[k] = dh[k] * _tanh(c[k]) * (ok * (one - ok))
+        dct[k] = dh[k] * o[k] * (one - t[k] * t[k])
 
 
 @njit(**_INLINE)
@@ -259,7 +292,7 @@ def _d_input_gates(i, g, dct):
 
 @njit(**_INLINE)
 def _d_forget_gate(f, dprev, dct, cp):
-    """``f ← dc~ c_k σ'(f)`` in place and ``dprev = dc~ f`` (may alias dct)."""
+    """``f ← dc~ c_k σ'(f)`` in place and ``dprev = dc~ f``: the gated cell's gradient."""
     one = _const(f, 1.0)
     for k in range(f.shape[0]):
         fk = f[k]
@@ -268,262 +301,207 @@ def _d_forget_gate(f, dprev, dct, cp):
         dprev[k] = d * fk
 
 
-# ------------------------------------------------------------------ gathers
+@njit(**_INLINE)
+def _bias_act_inplace(a, bias, relu):
+    """``a = a + bias``, rectified if ``relu`` (one array: no overlap check)."""
+    zero = _const(a, 0.0)
+    if relu:
+        for k in range(a.shape[0]):
+            a[k] = max(a[k] + bias[k], zero)
+    else:
+        for k in range(a.shape[0]):
+            a[k] = a[k] + bias[k]
+
+
+# ---------------------------------------------------------- gathers, copies
 @njit(**_OPTS)
-def gather_pair(hs, left, right, batch, X):
-    """``X[r] = [hs[left[j], b], hs[right[j], b]]`` for the level's rows."""
-    H = hs.shape[2]
+def gather_pairs(store, left, right, batch, out):
+    """``out[r] = [store[left[j], b] | store[right[j], b]]`` for the level's rows."""
+    H = store.shape[2]
     for r in prange(left.shape[0] * batch):
         j = r // batch
         b = r - j * batch
-        x = X[r]
-        _copy(x[:H], hs[left[j], b])
-        _copy(x[H:], hs[right[j], b])
+        row = out[r]
+        _copy(row[:H], store[left[j], b])
+        _copy(row[H:], store[right[j], b])
 
 
 @njit(**_OPTS)
-def scatter_nodes(src, nodes, store):
-    """``store[nodes[k], b] = src[b, k]`` (nodes distinct)."""
-    B, K = src.shape[0], src.shape[1]
+def copy_answers(store, locations, out):
+    """``out[b, k] = store[locations[k], b]``: a store's answers -> (B, K, H)."""
+    B, K = out.shape[0], out.shape[1]
     for r in prange(B * K):
         b = r // K
         k = r - b * K
-        _copy(store[nodes[k], b], src[b, k])
+        _copy(out[b, k], store[locations[k], b])
 
 
 @njit(**_OPTS)
-def copy_answers(store, slots, which, out):
-    """``out[b, which[k]] = store[slots[k], b]``: node-major store -> (B, K, H)."""
-    B = out.shape[0]
-    K = which.shape[0]
+def scatter_answers(values, locations, store):
+    """``store[locations[k], b] = values[b, k]`` (locations distinct)."""
+    B, K = values.shape[0], values.shape[1]
     for r in prange(B * K):
         b = r // K
         k = r - b * K
-        _copy(out[b, which[k]], store[slots[k], b])
-
-
-# ---------------------------------------------------------------- LSTM fwd
-# With ``keep`` the activations [σ(a_i), tanh(a_g), σ(a_o), σ(a_f..)]
-# overwrite the pre-activations in A (the backward cache); without (inference)
-# they go to a scratch row and A is only read.  ``ans[j] >= 0`` marks a merge
-# that answers output ``ans[j]``: its (h, c) also go to ``ans_h/ans_c[b, ans[j]]``
-# straight from the kernel (no second pass over the slots).
-
-@njit(**_OPTS)
-def lstm_leaf_fwd(x, W, bias, A, fused, out_h, out_c, out_idx, batch):
-    """Leaf encoder: ``c = σ(a_i) tanh(a_g)``, ``h = σ(a_o) tanh(c)``; row
-    ``r = t * B + b`` writes node ``out_idx[t]``.  With ``fused`` the
-    pre-activations ``x[r] @ W`` are computed here (D is small: no GEMM, no
-    (R, 3H) buffer); else ``A`` holds them (a BLAS GEMM) and is overwritten."""
-    H = out_h.shape[2]
-    R = x.shape[0]
-    for ch in prange((R + _CHUNK - 1) // _CHUNK):
-        s = np.empty(3 * H, x.dtype)
-        for r in range(ch * _CHUNK, min(R, (ch + 1) * _CHUNK)):
-            j = r // batch
-            b = r - j * batch
-            if fused:
-                g = s
-                _affine_row(g, x[r], W)
-            else:
-                g = A[r]
-            _gates_inplace(g, bias, H)
-            c = out_c[out_idx[j], b]
-            _gated_c(c, g[:H], g[H:2 * H])
-            _h_from_c(out_h[out_idx[j], b], g[2 * H:3 * H], c)
+        _copy(store[locations[k], b], values[b, k])
 
 
 @njit(**_OPTS)
-def lstm_merge_fwd(A, bias, cs, left, right, batch, out_h, out_c, out_idx, keep,
-                   ans, ans_h, ans_c):
-    """Binary merge gates fused with the gather of ``c_l, c_r`` and the
-    scatter of ``(h, c)`` to ``out_*[out_idx[j], b]``."""
-    H = out_h.shape[2]
-    R = A.shape[0]
-    for ch in prange((R + _CHUNK - 1) // _CHUNK):
-        s = np.empty(A.shape[1], A.dtype)
-        for r in range(ch * _CHUNK, min(R, (ch + 1) * _CHUNK)):
-            j = r // batch
-            b = r - j * batch
-            a = A[r]
-            if keep:
-                _gates_inplace(a, bias, H)  # i, g, o, f_l, f_r
-                g = a
-            else:
-                _gates_into(s, a, bias, H)
-                g = s
-            c = out_c[out_idx[j], b]
-            _gated_c(c, g[:H], g[H:2 * H])
-            _add_product(c, g[3 * H:4 * H], cs[left[j], b])
-            _add_product(c, g[4 * H:5 * H], cs[right[j], b])
-            h = out_h[out_idx[j], b]
-            _h_from_c(h, g[2 * H:3 * H], c)
-            if ans[j] >= 0:
-                _copy(ans_h[b, ans[j]], h)
-                _copy(ans_c[b, ans[j]], c)
+def zero_locations(store, locations):
+    """``store[locations] = 0``."""
+    B = store.shape[1]
+    for r in prange(locations.shape[0] * B):
+        k = r // B
+        b = r - k * B
+        _zero(store[locations[k], b])
 
 
+# ---------------------------------------------------------- the gated layer
 @njit(**_OPTS)
-def lstm_unary_fwd(A, bias, c_prev, batch, out_h, out_c, out_idx, keep, ans, ans_h, ans_c):
-    """Unary refinement gates: ``c = σ(a_i) tanh(a_g) + σ(a_f) c_prev``.
+def gated_forward(X, weight, project_here, act, bias, keep, batch, num_prev,
+                  first_cells, first_index, second_cells, second_index,
+                  h_out, c_out, out_index, write_h, write_c, c_out_is_a_source,
+                  answer_h, answer_c, answer_index, write_answers):
+    """One gated layer (``ops.gated``, ``num_prev`` gated cells) over the rows of X.
 
-    ``out_c`` may be ``c_prev`` itself (row r reads and writes only row r).
+    The pre-activations are ``X[r] @ weight``, computed here row by row if
+    ``project_here`` (a narrow X), else already in ``act`` (a GEMM).  With
+    ``keep`` the activations ``[σ(a_i), tanh(a_g), σ(a_o), σ(a_f..)]`` are
+    left in ``act`` (the backward's cache); without, they go to a scratch row
+    and ``act`` is only read.  Then ``c = i g + Σ f_k c_k`` (cell ``k`` of row
+    ``(j, b)`` is ``*_cells[*_index[j], b]``) and ``h = o tanh(c)``, written
+    to ``h_out`` / ``c_out[out_index[j], b]`` if ``write_h`` / ``write_c``, and
+    to ``answer_h`` / ``answer_c[b, answer_index[j]]`` where that is >= 0 if
+    ``write_answers``.  With no output at all only the activations are made.
+    ``c_out_is_a_source``: a row of ``c_out`` may be the cell it gates (an
+    in-place update); c is then built in a scratch row and copied.
     """
-    H = out_h.shape[2]
-    R = A.shape[0]
-    for ch in prange((R + _CHUNK - 1) // _CHUNK):
-        s = np.empty(A.shape[1], A.dtype)
-        for r in range(ch * _CHUNK, min(R, (ch + 1) * _CHUNK)):
+    gates = bias.shape[0]
+    H = gates // (3 + num_prev)
+    R = X.shape[0]
+    states = write_h or write_c or write_answers
+    for chunk in prange((R + _CHUNK - 1) // _CHUNK):
+        scratch = np.empty(gates + 2 * H, bias.dtype)
+        row_gates = scratch[:gates]
+        c_scratch = scratch[gates:gates + H]
+        h_scratch = scratch[gates + H:]
+        c_direct = write_c and not c_out_is_a_source
+        for r in range(chunk * _CHUNK, min(R, (chunk + 1) * _CHUNK)):
+            if project_here:
+                a = act[r] if keep else row_gates
+                _project_row(a, X[r], weight)
+                _gates_inplace(a, bias, H)
+            elif keep:
+                a = act[r]
+                _gates_inplace(a, bias, H)
+            else:  # out of place: the scratch row stays in L1, act is not written back
+                a = row_gates
+                _gates_into(a, act[r], bias, H)
+            if not states:
+                continue
             j = r // batch
             b = r - j * batch
-            a = A[r]
-            if keep:
-                _gates_inplace(a, bias, H)  # i, g, o, f
-                g = a
-            else:
-                _gates_into(s, a, bias, H)
-                g = s
-            c = out_c[out_idx[j], b]
-            _unary_c(c, g[:H], g[H:2 * H], g[3 * H:4 * H], c_prev[r])
-            h = out_h[out_idx[j], b]
-            _h_from_c(h, g[2 * H:3 * H], c)
-            if ans[j] >= 0:
-                _copy(ans_h[b, ans[j]], h)
-                _copy(ans_c[b, ans[j]], c)
-
-
-# Recomputation for backward: the cells between layers and the leaf gates
-# are not cached.  The same row helpers as the forward, in the same order,
-# so the recomputed values are bitwise the forward's.
-
-@njit(**_OPTS)
-def lstm_leaf_act(x, W, bias, A, fused):
-    """The leaf gate activations into ``A`` (no state written); ``A`` holds
-    ``x @ W`` already unless ``fused``."""
-    H = A.shape[1] // 3
-    for r in prange(A.shape[0]):
-        a = A[r]
-        if fused:
-            _affine_row(a, x[r], W)
-        _gates_inplace(a, bias, H)
+            c = c_out[out_index[j], b] if c_direct else c_scratch
+            _cell_update(c, a, H, num_prev, first_cells, first_index, second_cells,
+                         second_index, j, b)
+            if write_c and not c_direct:
+                _copy(c_out[out_index[j], b], c)
+            if write_h or write_answers:
+                h = h_out[out_index[j], b] if write_h else h_scratch
+                _h_from_c(h, a[2 * H:3 * H], c)
+                if write_answers:
+                    k = answer_index[j]
+                    if k >= 0:
+                        _copy(answer_h[b, k], h)
+                        _copy(answer_c[b, k], c)
 
 
 @njit(**_OPTS)
-def lstm_merge_c(act, cs, left, right, batch, c_out):
-    """``c = i g + f_l c_l + f_r c_r`` from the cached merge activations."""
+def gated_cells(act, batch, num_prev, first_cells, first_index, second_cells, second_index,
+                c_out, c_out_is_a_source):
+    """``c_out[r] = i g + Σ f_k c_k`` from cached activations: the forward's c,
+    bitwise (through a scratch row if ``c_out`` may be one of the sources)."""
     H = c_out.shape[1]
-    for r in prange(act.shape[0]):
-        j = r // batch
-        b = r - j * batch
-        a = act[r]
-        c = c_out[r]
-        _gated_c(c, a[:H], a[H:2 * H])
-        _add_product(c, a[3 * H:4 * H], cs[left[j], b])
-        _add_product(c, a[4 * H:5 * H], cs[right[j], b])
+    R = act.shape[0]
+    for chunk in prange((R + _CHUNK - 1) // _CHUNK):
+        c_scratch = np.empty(H, act.dtype)
+        for r in range(chunk * _CHUNK, min(R, (chunk + 1) * _CHUNK)):
+            j = r // batch
+            b = r - j * batch
+            c = c_scratch if c_out_is_a_source else c_out[r]
+            _cell_update(c, act[r], H, num_prev, first_cells, first_index, second_cells,
+                         second_index, j, b)
+            if c_out_is_a_source:
+                _copy(c_out[r], c)
 
 
 @njit(**_OPTS)
-def lstm_unary_c(act, c_prev, c_out):
-    """``c = i g + f c_prev`` from the cached unary activations."""
-    H = c_out.shape[1]
-    for r in prange(act.shape[0]):
-        a = act[r]
-        _unary_c(c_out[r], a[:H], a[H:2 * H], a[3 * H:4 * H], c_prev[r])
-
-
-# ---------------------------------------------------------------- LSTM bwd
-# Each backward kernel overwrites the cached activations with dA, the
-# gradient of the pre-activations in the same block layout (docs/backward.md
-# section 2): the cache is dead after its level's backward, and the in-place
-# write saves a (R, 5H) buffer and a pass over memory.  Per-row temporaries
-# (tanh(c), dc~) live in output rows that are written last.
-
-@njit(**_OPTS)
-def lstm_leaf_bwd(act, c, dh, dc):
-    """Leaf backward, in place: ``act`` (R, 3H) becomes dA; ``dc`` (dead
-    afterwards) holds dc~.  tanh(c) is evaluated twice instead of stored."""
+def hidden_from_cells(act, c, h_out):
+    """``h_out[r] = o tanh(c[r])``, ``o`` the output-gate block of ``act``."""
     H = c.shape[1]
     for r in prange(act.shape[0]):
-        a = act[r]
-        dct = dc[r]
-        _dc_total_c(dct, dh[r], a[2 * H:3 * H], c[r])
-        _d_out_gate_c(a[2 * H:3 * H], dh[r], c[r])
-        _d_input_gates(a[:H], a[H:2 * H], dct)
+        _h_from_c(h_out[r], act[r, 2 * H:3 * H], c[r])
 
+
+# Backward: the cached activations become dA, the gradient of the
+# pre-activations in the same block layout (docs/backward.md section 2), in
+# place: the cache is dead after its level's backward, and the in-place write
+# saves a buffer and a pass over memory.
 
 @njit(**_OPTS)
-def lstm_unary_bwd(act, c_out, c_prev, act_prev, dh, dc, dc_prev, h_prev):
-    """Unary layer backward, in place (``act`` (R, 4H) becomes dA).
+def gated_backward(act, c, batch, num_prev, first_cells, first_index, second_cells,
+                   second_index, dh, dc, with_dc, first_dcell, second_dcell):
+    """Backward of one gated layer, in place: ``act`` (R, (3 + N) H) becomes dA.
 
-    Writes ``dc_prev = dc~ * f`` and recomputes the layer's input
-    ``h_prev = o_prev * tanh(c_prev)`` (``o_prev`` from the layer below's
-    activations) for the dW GEMM.
+    ``c`` (R, H) is the layer's cell, ``dh`` the gradient reaching h and
+    ``dc`` the one reaching c from above (zero unless ``with_dc``); the gated
+    cells' gradients ``dc~ f_k`` go to ``first_dcell`` / ``second_dcell``.
     """
-    H = c_out.shape[1]
-    for r in prange(act.shape[0]):
-        a = act[r]
-        t = h_prev[r]     # tanh(c), until h_prev is written
-        dct = dc_prev[r]  # dc~, until dc_prev is written
-        _tanh_into(t, c_out[r])
-        _dc_total(dct, dh[r], a[2 * H:3 * H], t, dc[r])
-        _d_out_gate(a[2 * H:3 * H], dh[r], t)
-        _d_input_gates(a[:H], a[H:2 * H], dct)
-        _d_forget_gate(a[3 * H:4 * H], dct, dct, c_prev[r])
-        _h_from_c(t, act_prev[r, 2 * H:3 * H], c_prev[r])
+    H = c.shape[1]
+    R = act.shape[0]
+    for chunk in prange((R + _CHUNK - 1) // _CHUNK):
+        scratch = np.empty(2 * H, act.dtype)
+        t = scratch[:H]      # tanh(c)
+        dct = scratch[H:]    # dc~, the total gradient reaching c
+        for r in range(chunk * _CHUNK, min(R, (chunk + 1) * _CHUNK)):
+            a = act[r]
+            o = a[2 * H:3 * H]
+            _tanh_into(t, c[r])
+            if with_dc:
+                _dc_total(dct, dh[r], o, t, dc[r])
+            else:
+                _dc_through_h(dct, dh[r], o, t)
+            _d_out_gate(o, dh[r], t)
+            _d_input_gates(a[:H], a[H:2 * H], dct)
+            if num_prev >= 1:
+                j = r // batch
+                b = r - j * batch
+                _d_forget_gate(a[3 * H:4 * H], first_dcell[r], dct,
+                               first_cells[first_index[j], b])
+                if num_prev >= 2:
+                    _d_forget_gate(a[4 * H:5 * H], second_dcell[r], dct,
+                                   second_cells[second_index[j], b])
 
 
+# --------------------------------------------------------- the affine layer
 @njit(**_OPTS)
-def lstm_merge_bwd(act, c_out, hs, cs, left, right, batch, dh, dc, dcl, dcr, X):
-    """Binary merge backward, in place (``act`` (R, 5H) becomes dA).
-
-    Gathers the operands again from the node stores (``c_l, c_r`` for the
-    forget gates, ``X = [h_l, h_r]`` for the dW GEMM) instead of caching
-    them, and writes the per-row cell gradients ``dcl``, ``dcr``.
-    """
-    H = c_out.shape[1]
-    for r in prange(act.shape[0]):
-        j = r // batch
-        b = r - j * batch
-        a = act[r]
-        t = dcr[r]    # tanh(c), until dcr is written
-        dct = dcl[r]  # dc~, until dcl is written
-        _tanh_into(t, c_out[r])
-        _dc_total(dct, dh[r], a[2 * H:3 * H], t, dc[r])
-        _d_out_gate(a[2 * H:3 * H], dh[r], t)
-        _d_input_gates(a[:H], a[H:2 * H], dct)
-        _d_forget_gate(a[4 * H:5 * H], dcr[r], dct, cs[right[j], b])
-        _d_forget_gate(a[3 * H:4 * H], dct, dct, cs[left[j], b])
-        x = X[r]
-        _copy(x[:H], hs[left[j], b])
-        _copy(x[H:], hs[right[j], b])
-
-
-# ----------------------------------------------------------------- RNN
-@njit(**_INLINE)
-def _bias_act(dst, a, bias, relu):
-    zero = _const(a, 0.0)
-    if relu:
-        for k in range(dst.shape[0]):
-            dst[k] = max(a[k] + bias[k], zero)
-    else:
-        for k in range(dst.shape[0]):
-            dst[k] = a[k] + bias[k]
-
-
-@njit(**_OPTS)
-def bias_act_inplace(A, bias, relu):
-    """``A = A + bias``, rectified if ``relu``, in place."""
-    for r in prange(A.shape[0]):
-        _bias_act(A[r], A[r], bias, relu)
-
-
-@njit(**_OPTS)
-def bias_act_rows(A, bias, relu, out, out_idx, batch):
-    """``out[out_idx[j], b] = A[r] + bias`` (rectified if ``relu``): inference scatter."""
-    for r in prange(A.shape[0]):
-        j = r // batch
-        b = r - j * batch
-        _bias_act(out[out_idx[j], b], A[r], bias, relu)
+def affine_forward(out, bias, relu, batch, h_out, out_index, write_h,
+                   answer_h, answer_index, write_answers):
+    """After the GEMM ``out = X @ W``: ``out += bias``, rectified if ``relu``, in
+    place; also to ``h_out[out_index[j], b]`` if ``write_h`` and to
+    ``answer_h[b, answer_index[j]]`` where that is >= 0 if ``write_answers``."""
+    for r in prange(out.shape[0]):
+        row = out[r]
+        _bias_act_inplace(row, bias, relu)
+        if write_h or write_answers:
+            j = r // batch
+            b = r - j * batch
+            if write_h:
+                _copy(h_out[out_index[j], b], row)
+            if write_answers:
+                k = answer_index[j]
+                if k >= 0:
+                    _copy(answer_h[b, k], row)
 
 
 @njit(**_OPTS)
@@ -539,75 +517,62 @@ def relu_mask(dh, h):
 
 # --------------------------------------------------- gradient accumulation
 @njit(**_OPTS)
-def accumulate_hc(dX, dcl, dcr, batch, targets, ptr, entries, first, dhs, dcs):
-    """Operand gradients of one level into the node gradients, race-free.
+def accumulate_operands(d_pair, batch, targets, consumer_ptr, consumers, first_gradient,
+                        dh_store, with_cells, with_cell_gradients, dc_left, dc_right, dc_store):
+    """Operand gradients of one level into the node gradient stores, race-free.
 
-    Loops over *target nodes* (the level's distinct operands), never over
-    consumer rows: for target ``t`` the CSR ``entries[ptr[t]:ptr[t+1]]``
-    lists ``2 * j + side`` for every merge ``j`` of the level reading it
-    (side 0: left, 1: right), in a fixed order.  ``dX`` (R, 2H) is
-    ``d concat(h_l, h_r)``; ``dcl``/``dcr`` (R, H) the cell gradients.
-    ``first[t]`` says no gradient has reached the node yet (the store is
-    uninitialized there: it is assigned, not added to, so the big gradient
-    stores are never zero-filled).
+    Loops over the level's *target nodes* (its distinct operands), never over
+    consumer rows: for target ``t`` the plan's CSR
+    ``consumers[consumer_ptr[t]:consumer_ptr[t + 1]]`` lists ``2 * j + side``
+    for every merge ``j`` of the level reading it (side 0: left, 1: right),
+    in a fixed order.  ``d_pair`` (R, 2H) is ``[dh_l | dh_r]`` per merge row.
+    ``first_gradient[t]``: no gradient has reached the node yet (its rows are
+    uninitialised: assigned, not added to, so the stores are never
+    zero-filled).  With ``with_cells`` the cell store ``dc_store`` gets the
+    same from ``dc_left`` / ``dc_right``, or zero contributions without
+    ``with_cell_gradients``.
     """
-    H = dcl.shape[1]
+    H = dh_store.shape[2]
     for r in prange(targets.shape[0] * batch):
         t = r // batch
         b = r - t * batch
-        gh = dhs[targets[t], b]
-        gc = dcs[targets[t], b]
-        for q in range(ptr[t], ptr[t + 1]):
-            e = entries[q]
-            row = (e >> 1) * batch + b
-            if e & 1:
-                src_h = dX[row, H:]
-                src_c = dcr[row]
+        node = targets[t]
+        start = consumer_ptr[t]
+        assign = first_gradient[t]
+        gh = dh_store[node, b]
+        for q in range(start, consumer_ptr[t + 1]):
+            code = consumers[q]
+            row = (code >> 1) * batch + b
+            source = d_pair[row, H:] if code & 1 else d_pair[row, :H]
+            if q == start and assign:
+                _copy(gh, source)
             else:
-                src_h = dX[row, :H]
-                src_c = dcl[row]
-            if q == ptr[t] and first[t]:
-                _copy(gh, src_h)
-                _copy(gc, src_c)
-            else:
-                _add(gh, src_h)
-                _add(gc, src_c)
-
-
-@njit(**_OPTS)
-def accumulate_h(dX, batch, targets, ptr, entries, first, dhs):
-    """``accumulate_hc`` for a state of ``h`` alone (the RNN cell)."""
-    H = dhs.shape[2]
-    for r in prange(targets.shape[0] * batch):
-        t = r // batch
-        b = r - t * batch
-        gh = dhs[targets[t], b]
-        for q in range(ptr[t], ptr[t + 1]):
-            e = entries[q]
-            row = (e >> 1) * batch + b
-            src_h = dX[row, H:] if e & 1 else dX[row, :H]
-            if q == ptr[t] and first[t]:
-                _copy(gh, src_h)
-            else:
-                _add(gh, src_h)
+                _add(gh, source)
+            if with_cells and with_cell_gradients:
+                gc = dc_store[node, b]
+                cell_source = dc_right[row] if code & 1 else dc_left[row]
+                if q == start and assign:
+                    _copy(gc, cell_source)
+                else:
+                    _add(gc, cell_source)
+        if with_cells and not with_cell_gradients and assign:
+            _zero(dc_store[node, b])
 
 
 # -------------------------------------------------------------------- GEMMs
-# BLAS on Numba's threads: each prange iteration makes one *single-threaded*
-# BLAS call (Numba's np.dot → scipy.linalg.cython_blas) on its block of rows,
-# with the BLAS libraries limited to one thread for the duration of a pass
-# (numba_backend.BlasThreads).  One thread pool then does all the work: the
-# BLAS library's own workers, which spin for a while after every call, never
-# compete with the gate kernels for the cores.  A row of a product is
-# computed by the same micro-kernel in the same K order whatever the row
-# blocking, so ``gemm_nn``/``gemm_nt`` are bitwise equal to one big GEMM.
+# One thread pool does all the work: the BLAS library's own workers, which
+# spin for a while after every call, never compete with the gate kernels for
+# the cores.  Above the BLAS library's small-matrix sizes a row of a product
+# is computed by the same micro-kernel in the same K order whatever the row
+# blocking, so ``gemm_nn`` / ``gemm_nt`` give the bits of one big GEMM; the
+# backend never cuts blocks below those sizes (``GEMM_MIN_BLOCK_WORK``).
 
 @njit(**_OPTS)
-def gemm_nn(X, W, out, nblk):
-    """``out = X @ W`` in ``nblk`` row blocks."""
+def gemm_nn(X, W, out, blocks):
+    """``out = X @ W`` in ``blocks`` row blocks."""
     R = X.shape[0]
-    step = (R + nblk - 1) // nblk
-    for t in prange(nblk):
+    step = (R + blocks - 1) // blocks
+    for t in prange(blocks):
         r0 = t * step
         r1 = min(R, r0 + step)
         if r1 > r0:
@@ -615,11 +580,11 @@ def gemm_nn(X, W, out, nblk):
 
 
 @njit(**_OPTS)
-def gemm_nt(dA, W, out, nblk):
-    """``out = dA @ W.T`` in ``nblk`` row blocks (the input gradient)."""
+def gemm_nt(dA, W, out, blocks):
+    """``out = dA @ W.T`` in ``blocks`` row blocks (the input gradient)."""
     R = dA.shape[0]
-    step = (R + nblk - 1) // nblk
-    for t in prange(nblk):
+    step = (R + blocks - 1) // blocks
+    for t in prange(blocks):
         r0 = t * step
         r1 = min(R, r0 + step)
         if r1 > r0:
@@ -627,48 +592,48 @@ def gemm_nt(dA, W, out, nblk):
 
 
 @njit(**_OPTS)
-def gemm_tn_acc(dA, X, partial, colsum, nblk, accW, accb, accumulate):
-    """``accW (+)= dA^T X`` and ``accb (+)= Σ_r dA`` (weight and bias gradients).
+def gemm_tn_acc(dA, X, partial, colsum, blocks, grad_weight_t, grad_bias, accumulate):
+    """``grad_weight_t (+)= dA^T X`` and ``grad_bias (+)= Σ_r dA``.
 
-    The row (K) axis is cut into ``nblk`` blocks, a number that depends on
+    The row (K) axis is cut into ``blocks`` blocks, a number that depends on
     R only, never on the thread count; the block partials are summed in
     block order: deterministic.  The bias sum rides along with the block's
     GEMM while the block is in cache.
     """
     R = dA.shape[0]
     m = dA.shape[1]
-    step = (R + nblk - 1) // nblk
-    for t in prange(nblk):
+    step = (R + blocks - 1) // blocks
+    for t in prange(blocks):
         r0 = t * step
         r1 = min(R, r0 + step)
-        cs = colsum[t]
+        column_sum = colsum[t]
         for k in range(m):
-            cs[k] = 0
+            column_sum[k] = 0
         if r1 > r0:
             np.dot(dA[r0:r1].T, X[r0:r1], partial[t])
             for r in range(r0, r1):
-                _add(cs, dA[r])
+                _add(column_sum, dA[r])
         else:
             partial[t][:, :] = 0
-    for i in prange(accW.shape[0]):
-        row = accW[i]
+    for i in prange(grad_weight_t.shape[0]):
+        row = grad_weight_t[i]
         if not accumulate:
             _copy(row, partial[0, i])
         else:
             _add(row, partial[0, i])
-        for t in range(1, nblk):
+        for t in range(1, blocks):
             _add(row, partial[t, i])
     if not accumulate:
-        _copy(accb, colsum[0])
+        _copy(grad_bias, colsum[0])
     else:
-        _add(accb, colsum[0])
-    for t in range(1, nblk):
-        _add(accb, colsum[t])
+        _add(grad_bias, colsum[0])
+    for t in range(1, blocks):
+        _add(grad_bias, colsum[t])
 
 
 KERNELS = (
-    gather_pair, scatter_nodes, copy_answers, lstm_leaf_fwd, lstm_merge_fwd, lstm_unary_fwd,
-    lstm_leaf_act, lstm_merge_c, lstm_unary_c, lstm_leaf_bwd, lstm_unary_bwd, lstm_merge_bwd,
-    bias_act_inplace, bias_act_rows, relu_mask,
-    accumulate_hc, accumulate_h, gemm_nn, gemm_nt, gemm_tn_acc,
+    gather_pairs, copy_answers, scatter_answers, zero_locations,
+    gated_forward, gated_cells, hidden_from_cells, gated_backward,
+    affine_forward, relu_mask, accumulate_operands,
+    gemm_nn, gemm_nt, gemm_tn_acc,
 )

@@ -19,9 +19,9 @@ Implementations:
 * ``treesched-numba`` / ``treesched-numpy``: ``PRLSTM.forward`` and
   ``PRLSTM.loss_and_grads``;
 * ``jax``: the same model written in JAX as the paper does
-  (``jax.lax.associative_scan`` with the merge cell, ``jax.jit``,
-  ``jax.value_and_grad``), same weights; its logits are checked against
-  treesched's;
+  (``treesched.jax_reference``: ``jax.lax.associative_scan`` with the merge
+  cell, ``jax.jit``, ``jax.value_and_grad``), same weights; its logits are
+  checked against treesched's;
 * ``torch-lstm``: ``torch.nn.LSTM`` (2 layers, same H) + linear head, for
   scale only (a sequential LSTM, not the same model);
 * ``gemm-only``: the bare GEMMs the schedule performs, same shapes and
@@ -38,6 +38,15 @@ counter (``/proc/self/clear_refs`` ← 5), runs one forward+backward and
 reports ``VmHWM - VmRSS_before``: every byte the step itself touched
 (workspaces, activations, gradients, outputs, allocator slack), whatever
 allocated it (tracemalloc would miss XLA's and BLAS's allocations).
+
+Before and after (``--baseline DIR``): another checkout of treesched (say
+the last release, ``git worktree add /tmp/before v0.1.0``) runs in a child
+process that serves one timed call at a time, and ``baseline-numba`` joins
+every round next to ``treesched-numba``: both versions are timed in the same
+rounds, so the ratio ``baseline-numba / treesched-numba`` is immune to the
+machine's drift.  The child imports the other checkout's package from a
+copy laid out as ``pip install`` would (``ops``, ``backends`` and ``cli``
+under ``treesched``).
 
 Also: per-level Python/dispatch overhead of the numba backend at T = 4096
 (the schedule run at B = 1, H = 8, where the arithmetic is negligible)
@@ -145,39 +154,12 @@ def treesched_model(cfg, backend):
 
 
 def jax_functions(num_layers):
-    """The paper's formulation: associative_scan over (h, c) with the merge cell."""
-    import jax
-    import jax.numpy as jnp
-
-    sigmoid = jax.nn.sigmoid
-
-    def leaf(p, x):
-        i, g, o = jnp.split(x @ p["leaf/w"] + p["leaf/b"], 3, axis=-1)
-        c = sigmoid(i) * jnp.tanh(g)
-        return sigmoid(o) * jnp.tanh(c), c
-
-    def merge(p, left, right):
-        (hl, cl), (hr, cr) = left, right
-        a = jnp.concatenate([hl, hr], axis=-1) @ p["merge/w"] + p["merge/b"]
-        i, g, o, fl, fr = jnp.split(a, 5, axis=-1)
-        c = sigmoid(i) * jnp.tanh(g) + sigmoid(fl) * cl + sigmoid(fr) * cr
-        h = sigmoid(o) * jnp.tanh(c)
-        for k in range(1, num_layers):
-            i, g, o, f = jnp.split(h @ p[f"unary_{k}/w"] + p[f"unary_{k}/b"], 4, axis=-1)
-            c = sigmoid(i) * jnp.tanh(g) + sigmoid(f) * c
-            h = sigmoid(o) * jnp.tanh(c)
-        return h, c
-
-    def logits(p, x):
-        h, c = leaf(p, x)
-        h, _ = jax.lax.associative_scan(lambda a, b: merge(p, a, b), (h, c), axis=1)
-        return jax.nn.relu(h) @ p["head/w"] + p["head/b"]
-
-    def loss(p, x, targets):  # mean over batch and positions, as PRLSTM.loss_and_grads
-        logp = jax.nn.log_softmax(logits(p, x), axis=-1)
-        return -(targets * logp).sum(-1).mean()
-
-    return jax.jit(logits), jax.jit(jax.value_and_grad(loss))
+    """The paper's formulation (``treesched.jax_reference``): jitted logits and
+    ``value_and_grad`` of the loss (mean over batch and positions, as
+    ``PRLSTM.loss_and_grads``)."""
+    from treesched import jax_reference as reference
+    return (reference.jitted(reference.logits, "lstm", num_layers),
+            reference.jitted(reference.loss_value_and_grad, "lstm", num_layers))
 
 
 class TorchLSTM:
@@ -262,9 +244,75 @@ class GemmOnly:
 
 # ----------------------------------------------------------------- timing
 def timed(fn):
+    """Seconds one call of ``fn`` takes (a :class:`BaselineCall` times itself)."""
+    if isinstance(fn, BaselineCall):
+        return fn()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+# ------------------------------------------------------------ the baseline
+def _install_copy(source: str, target: str) -> None:
+    """Lay a checkout out as ``pip install`` does: ops, backends, cli under treesched."""
+    import shutil
+    package = os.path.join(target, "treesched")
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(os.path.join(source, "treesched"), package, ignore=ignore)
+    for name in ("ops", "backends", "cli"):
+        shutil.copytree(os.path.join(source, name), os.path.join(package, name), ignore=ignore)
+
+
+def serve_baseline(source: str, quick: bool) -> None:
+    """Child process: time one call per request line ``MODE T``, reply seconds."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="treesched-baseline-")
+    _install_copy(source, folder)
+    sys.path.insert(0, folder)
+    for name in [m for m in sys.modules if m == "treesched" or m.startswith("treesched.")]:
+        del sys.modules[name]
+    import treesched
+    assert treesched.__file__.startswith(folder), treesched.__file__
+    cfg = QUICK if quick else FULL
+    model = treesched_model(cfg, "numba")
+    data = {}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        mode, length = line.split()
+        length = int(length)
+        if length not in data:
+            data[length] = make_data(cfg, length)
+        x, targets = data[length]
+        call = (lambda: model.forward(x)) if mode == "fwd" else \
+            (lambda: model.loss_and_grads(x, targets))
+        start = time.perf_counter()
+        call()
+        print(f"{time.perf_counter() - start:.9f}", flush=True)
+
+
+class BaselineCall:
+    """One timed call in the baseline child: ``fn()`` returns its seconds."""
+
+    def __init__(self, child, mode, length):
+        self.child, self.mode, self.length = child, mode, length
+
+    def __call__(self) -> float:
+        self.child.stdin.write(f"{self.mode} {self.length}\n")
+        self.child.stdin.flush()
+        reply = self.child.stdout.readline()
+        if not reply:
+            raise RuntimeError("the baseline process ended (see its stderr above)")
+        return float(reply)
+
+
+def start_baseline(source: str, quick: bool):
+    command = [sys.executable, os.path.abspath(__file__), "--serve-baseline", source]
+    if quick:
+        command.append("--quick")
+    child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if child.stdout.readline().strip() != "ready":
+        raise SystemExit(f"the baseline checkout {source} did not start")
+    return child
 
 
 def interleaved(reporter, label, fns: dict, rounds: int, warmup=1, max_rounds=None) -> dict:
@@ -390,6 +438,7 @@ def run(args):
             reporter.progress(f"torch not installed ({error}): skipping torch.nn.LSTM")
             reporter.emit({"kind": "skipped", "impl": "torch-lstm", "reason": str(error)})
 
+    baseline = start_baseline(args.baseline, args.quick) if args.baseline else None
     numba_model = treesched_model(cfg, "numba")
     numpy_model = treesched_model(cfg, "numpy")
     params = numba_model.params.numpy()
@@ -448,6 +497,9 @@ def run(args):
                               f"grads to {check['grads_max_rel_diff']:.1e}")
             fwd["jax"] = lambda: jax.block_until_ready(jax_fwd(jax_params, jx))
             fwdbwd["jax"] = lambda: jax.block_until_ready(jax_vg(jax_params, jx, jt))
+        if baseline is not None:
+            fwd["baseline-numba"] = BaselineCall(baseline, "fwd", length)
+            fwdbwd["baseline-numba"] = BaselineCall(baseline, "fwdbwd", length)
         if torch_model is not None:
             tx, tlabels = torch_model.inputs(x, targets)
             fwd["torch-lstm"] = lambda: torch_model.forward(tx)
@@ -459,7 +511,7 @@ def run(args):
             # (kernels loaded, workspaces allocated) at this T; the numpy
             # backend has nothing to warm and is slow: fewer rounds at large T.
             warm = {"jax": 0, "treesched-numpy": 0, "treesched-numba": 0 if have_jax else 1,
-                    "numba-encoder": 1}
+                    "numba-encoder": 1, "baseline-numba": 1}
             slow = {"treesched-numpy": 2} if length >= 512 and not args.quick else {}
             times = interleaved(reporter, f"T={length} {mode}", fns,
                                 rounds_for(cfg, length, args.quick), warm, slow)
@@ -579,12 +631,19 @@ def main(argv=None):
     parser.add_argument("--no-overhead", action="store_true", help="skip the T=4096 overhead probe")
     parser.add_argument("--skip-numpy-above", type=int, default=0,
                         help="do not time the numpy backend for T above this")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="another checkout of treesched to time next to this one "
+                             "(baseline-numba, same rounds)")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-baseline", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:
         if "jax" in args.memory_child[0]:
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
         memory_child(args.memory_child[0], int(args.memory_child[1]), args.quick)
+        return
+    if args.serve_baseline:
+        serve_baseline(args.serve_baseline, args.quick)
         return
     if args.quick:
         args.no_jax = args.no_jax or not args.frameworks

@@ -8,8 +8,9 @@ For batch B = 128, hidden H = 256 and T in 40, 128, 512, 2048, times
 * ``treesched-encoder``: the CuPy backend's encoder alone (``encode`` /
   ``encode_backward``, no head, no input checks) — the kernel pipeline;
 * ``jax-scan``: the paper's formulation, ``jax.lax.associative_scan`` of the
-  SPEC §1 merge cell (leaf encoder, merge + unary layers, head), ``jax.jit``
-  on the GPU; forward+backward is ``jax.value_and_grad`` of ``sum(y * dy)``;
+  SPEC §1 merge cell (leaf encoder, merge + unary layers, head;
+  ``treesched.jax_reference``), ``jax.jit`` on the GPU; forward+backward
+  is ``jax.value_and_grad`` of ``sum(y * dy)``;
 * ``torch-cudnn``: ``torch.nn.LSTM`` (cuDNN) with the same hidden size plus a
   linear head; forward+backward is ``backward()`` of ``sum(y * dy)``;
 
@@ -197,38 +198,6 @@ def bench_encoder(model, x, dy, mode, args):
     return time_cupy(run, args.warmup, args.repeat)
 
 
-def jax_forward_fn(num_layers):
-    """The PR-LSTM of SPEC §1 as the paper computes it: associative_scan of the merge."""
-    import jax
-    import jax.numpy as jnp
-
-    def sigmoid(a):
-        return 0.5 * (1 + jnp.tanh(0.5 * a))
-
-    def merge(p, left, right):
-        (h_l, c_l), (h_r, c_r) = left, right
-        a = jnp.concatenate([h_l, h_r], axis=-1) @ p["merge/w"] + p["merge/b"]
-        i, g, o, f_l, f_r = jnp.split(a, 5, axis=-1)
-        c = sigmoid(i) * jnp.tanh(g) + sigmoid(f_l) * c_l + sigmoid(f_r) * c_r
-        h = sigmoid(o) * jnp.tanh(c)
-        for k in range(1, num_layers):
-            a = h @ p[f"unary_{k}/w"] + p[f"unary_{k}/b"]
-            i, g, o, f = jnp.split(a, 4, axis=-1)
-            c = sigmoid(i) * jnp.tanh(g) + sigmoid(f) * c
-            h = sigmoid(o) * jnp.tanh(c)
-        return h, c
-
-    def forward(p, x):
-        a = x @ p["leaf/w"] + p["leaf/b"]
-        i, g, o = jnp.split(a, 3, axis=-1)
-        c = sigmoid(i) * jnp.tanh(g)
-        h = sigmoid(o) * jnp.tanh(c)
-        h, c = jax.lax.associative_scan(lambda l, r: merge(p, l, r), (h, c), axis=1)
-        return jnp.maximum(h, 0) @ p["head/w"] + p["head/b"]
-
-    return forward
-
-
 def jax_setup(args):
     import jax
     if jax.default_backend() != "gpu":
@@ -240,14 +209,14 @@ def jax_setup(args):
 
 def bench_jax(params_np, x, dy, mode, args):
     jax = jax_setup(args)
-    forward = jax_forward_fn(args.num_layers)
+    from treesched import jax_reference as reference
     params = {k: jax.device_put(v) for k, v in params_np.items()}
     xd, dyd = jax.device_put(x), jax.device_put(dy)
     if mode == "forward":
-        step = jax.jit(forward)
+        step = reference.jitted(reference.logits, "lstm", args.num_layers)
         run = lambda: step(params, xd)  # noqa: E731
     else:
-        step = jax.jit(jax.value_and_grad(lambda p, x, dy: (forward(p, x) * dy).sum()))
+        step = reference.jitted(reference.dot_value_and_grad, "lstm", args.num_layers)
         run = lambda: step(params, xd, dyd)  # noqa: E731
     return time_jax(run, args.warmup, args.repeat)
 
@@ -278,9 +247,10 @@ def bench_torch(x, dy, mode, args):
 def check_against_jax(model, args, rng):
     """Relative error of treesched's logits vs the JAX model's on the same weights."""
     import cupy
-    jax = jax_setup(args)
+    jax_setup(args)
+    from treesched import jax_reference as reference
     x, _ = make_problem(args, 40, rng)
-    forward = jax.jit(jax_forward_fn(args.num_layers))
+    forward = reference.jitted(reference.logits, "lstm", args.num_layers)
     want = np.asarray(forward(model.params.numpy(), x))
     got = cupy.asnumpy(model.forward(cupy.asarray(x)))
     return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))

@@ -9,13 +9,8 @@ import click
 import treesched
 from treesched.errors import TreeschedError
 from treesched.fileio import write_text
-
-
-def parse_int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise TreeschedError(f"{what} must be a positive integer, got {text!r}") from None
+from treesched.lowering import activation_memory
+from treesched.validation import parse_int
 
 
 def format_bytes(count: int) -> str:
@@ -82,8 +77,10 @@ def command(length, pattern, outputs, fmt, path, batch, hidden, dtype, num_layer
     if fmt not in ("text", "json", "dot"):
         raise TreeschedError(f"unknown format {fmt!r}; choose text, json or dot")
     schedule = treesched.compile(parse_int(length, "length"), pattern, outputs)
-    stats = schedule.stats(batch=parse_int(batch, "batch"), hidden=parse_int(hidden, "hidden"),
-                           dtype=dtype, num_layers=parse_int(num_layers, "num-layers"))
+    stats = schedule.stats()
+    stats["memory"] = activation_memory(schedule, parse_int(batch, "batch"),
+                                        parse_int(hidden, "hidden"), dtype,
+                                        num_layers=parse_int(num_layers, "num-layers"))
     if fmt == "text":
         text = render_text(schedule, stats)
     elif fmt == "json":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from treesched.cli.train_cmd import parse_backend, parse_int
+from treesched.cli.train_cmd import parse_backend
+from treesched.validation import parse_int
 
 
 @click.command("eval")

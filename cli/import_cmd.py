@@ -7,7 +7,7 @@ import click
 import treesched
 from treesched.compiler import validate_pattern
 from treesched.errors import TreeschedError
-from treesched.haiku_import import build_model, load_haiku_msgpack
+from treesched.haiku_import import load_haiku_msgpack
 
 
 @click.command("import-checkpoint")
@@ -36,8 +36,9 @@ def command(file, out, pattern, dtype):
         raise TreeschedError(f"--dtype must be auto, float32 or float64, got {dtype!r}")
     validate_pattern(pattern)
     found = load_haiku_msgpack(file)
-    model = build_model(found, pattern=pattern, dtype=None if dtype == "auto" else dtype,
-                        source=f"checkpoint {file}")
+    model = treesched.PRLSTM.from_haiku(found, pattern=pattern,
+                                        dtype=None if dtype == "auto" else dtype,
+                                        source=f"checkpoint {file}")
     model.save(out)
     config = found.config
     click.echo(f"{file}: PR-{config['cell'].upper()} with input_size {config['input_size']}, "

@@ -8,17 +8,8 @@ import click
 
 from treesched.errors import TreeschedError
 from treesched.fileio import write_text
+from treesched.validation import parse_int
 from treesched.parity import BATCHES, DTYPES, LENGTHS, TOLERANCES, run_parity
-
-
-def _int(text: str, what: str) -> int:
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise TreeschedError(f"{what} must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise TreeschedError(f"{what} must be a positive integer, got {value}")
-    return value
 
 
 def _ints(text: str, what: str) -> tuple:
@@ -27,7 +18,7 @@ def _ints(text: str, what: str) -> tuple:
     if not all(parts):
         raise TreeschedError(f"{what} must be positive integers separated by commas, "
                              f"got {text!r}")
-    return tuple(_int(part, what) for part in parts)
+    return tuple(parse_int(part, what) for part in parts)
 
 
 def _dtypes(text: str) -> tuple:
@@ -76,11 +67,11 @@ def command(backend, dtype, length, batch, hidden, seed, verbose, json_path):
     """
     dtypes = _dtypes(dtype)
     try:
-        seed_value = int(seed)
+        seed_value = parse_int(seed, "seed", minimum=0)
     except ValueError:
         raise TreeschedError(f"seed must be an integer, got {seed!r}") from None
     report = run_parity(backend, dtype=dtypes, length=_ints(length, "length"),
-                        batch=_ints(batch, "batch"), hidden=_int(hidden, "hidden"),
+                        batch=_ints(batch, "batch"), hidden=parse_int(hidden, "hidden"),
                         seed=seed_value, progress=lambda line: click.echo(line, err=True))
     click.echo(report.format_table(verbose=verbose), nl=False)
     if json_path is not None:

@@ -7,16 +7,7 @@ import math
 import click
 
 from treesched.errors import TreeschedError
-
-
-def parse_int(text, what: str, minimum: int = 1) -> int:
-    try:
-        value = int(str(text).strip())
-    except (TypeError, ValueError):
-        raise TreeschedError(f"{what} must be an integer >= {minimum}, got {text!r}") from None
-    if value < minimum:
-        raise TreeschedError(f"{what} must be an integer >= {minimum}, got {text!r}")
-    return value
+from treesched.validation import parse_int
 
 
 def parse_float(text, what: str, minimum: float = 0.0, strict: bool = False) -> float:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from treesched.errors import TreeschedError
-from treesched.haiku_import import from_haiku_msgpack, load_haiku_msgpack
+from treesched import PRLSTM
+from treesched.haiku_import import load_haiku_msgpack
 
 
 def build_demo_checkpoint(path: Path, input_size=3, hidden=8, outputs=2, num_layers=2):
@@ -101,7 +102,7 @@ def main(argv=None):
             print(f"built a demo checkpoint with Haiku: {path.stat().st_size} bytes")
         try:
             found = load_haiku_msgpack(path)
-            model = from_haiku_msgpack(path, pattern=args.pattern)
+            model = PRLSTM.from_haiku(found, pattern=args.pattern, source=f"checkpoint {path}")
         except TreeschedError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

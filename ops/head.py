@@ -16,8 +16,13 @@ def head_param_shapes(hidden_size, output_size):
     return {"head/w": (hidden_size, output_size), "head/b": (output_size,)}
 
 
-def head_forward(params, h, need_cache=True):
-    """-> ``(y, cache)``; cache is None if not need_cache."""
+def head_forward(params, h, need_cache=True, overwrite_input=False):
+    """-> ``(y, cache)``; cache is None if not need_cache.
+
+    ``overwrite_input``: ``h`` is the caller's scratch (the model's own states):
+    ``relu(h)`` is computed in place instead of into a fresh array.  Every
+    leading position is a row of one 2-D GEMM.
+    """
     dtype = check_dtype("h", h)
     if h.ndim < 1:
         raise TreeschedError(f"h must have shape (..., H), got {h.shape}")
@@ -26,14 +31,14 @@ def head_forward(params, h, need_cache=True):
     W = param(params, "head/w", (H, O), dtype)
     b = param(params, "head/b", (O,), dtype)
     xp = array_module(h)
-    r = xp.maximum(h, 0)
-    y = r @ W
+    r = xp.maximum(h, 0, out=h if overwrite_input else None)
+    y = r.reshape(-1, H) @ W
     y += b
-    return y, (r if need_cache else None)
+    return y.reshape(h.shape[:-1] + (O,)), (r if need_cache else None)
 
 
-def head_backward(params, cache, dy):
-    """-> ``(dh, grads)`` with grads for head/w and head/b."""
+def head_backward(params, cache, dy, out=None):
+    """-> ``(dh, grads)`` with grads for head/w and head/b; ``out`` receives dh if given."""
     check_cache("head_backward", cache)
     r = cache
     H = r.shape[-1]
@@ -49,6 +54,7 @@ def head_backward(params, cache, dy):
     r2 = r.reshape(-1, H)
     dy2 = dy.reshape(-1, O)
     grads = {"head/w": r2.T @ dy2, "head/b": dy2.sum(axis=0)}
-    dh = dy @ W.T
-    dh *= r > 0  # relu' = [h > 0]
-    return dh, grads
+    xp = array_module(r)
+    dh = xp.matmul(dy2, W.T, out=None if out is None else out.reshape(-1, H))
+    dh *= r2 > 0  # relu' = [h > 0]
+    return dh.reshape(r.shape), grads

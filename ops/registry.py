@@ -20,6 +20,11 @@ def register_cell(cls):
     return cls
 
 
+def unregister_cell(name):
+    """Remove the cell registered as ``name`` (case-insensitive); no error if absent."""
+    _CELLS.pop(str(name).lower(), None)
+
+
 def cell_names():
     """The registered cell names, sorted."""
     return tuple(sorted(_CELLS))

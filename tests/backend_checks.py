@@ -1,12 +1,83 @@
-"""Shared helpers of the backend tests: random cases and comparisons with the
-NumPy reference executor."""
+"""Shared helpers of the backend tests: random cases, comparisons with the
+NumPy reference executor, and toy cells described only by their layers."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
 import treesched
-from treesched.ops import LSTMCell, RNNCell
+from treesched.ops import Cell, Layer, get_cell, register_cell, unregister_cell
+
+
+class GateFreeMergeCell(Cell):
+    """A toy gated cell no backend knows by name, with its own parameter names:
+    the binary merge gates no previous cell (``num_prev=0``, so the operands'
+    cells get no gradient), unary layer k gates the cell below for odd k
+    only (so a layer may hand no ``dc`` down)."""
+
+    name = "toy-gate-free-merge"
+    kind = "gated"
+
+    def build_layers(self, num_layers):
+        return (Layer("embed", "gated", "input"),
+                Layer("combine", "gated", "pair", num_prev=0),
+                *(Layer(f"refine_{k}", "gated", "below", num_prev=k % 2)
+                  for k in range(1, num_layers)))
+
+
+class RectifiedLeafCell(Cell):
+    """A toy affine cell: the leaf is rectified, the merge is not."""
+
+    name = "toy-rectified-leaf"
+    kind = "affine"
+
+    def build_layers(self, num_layers):
+        return (Layer("leaf", "affine", "input", relu=True),
+                Layer("merge", "affine", "pair", relu=False),
+                *(Layer(f"unary_{k}", "affine", "below", relu=True)
+                  for k in range(1, num_layers)))
+
+
+class FreshUnaryCell(Cell):
+    """A toy gated cell whose unary layers start a fresh cell (gate nothing below)."""
+
+    name = "toy-fresh-unary"
+    kind = "gated"
+
+    def build_layers(self, num_layers):
+        return (Layer("leaf", "gated", "input"),
+                Layer("merge", "gated", "pair", num_prev=2),
+                *(Layer(f"unary_{k}", "gated", "below", num_prev=0)
+                  for k in range(1, num_layers)))
+
+
+class LinearUnaryCell(Cell):
+    """A toy affine cell: rectified merge, unrectified unary layers."""
+
+    name = "toy-linear-unary"
+    kind = "affine"
+
+    def build_layers(self, num_layers):
+        return (Layer("leaf", "affine", "input"),
+                Layer("merge", "affine", "pair", relu=True),
+                *(Layer(f"unary_{k}", "affine", "below") for k in range(1, num_layers)))
+
+
+TOY_CELLS = (GateFreeMergeCell, RectifiedLeafCell, FreshUnaryCell, LinearUnaryCell)
+
+
+@contextlib.contextmanager
+def registered(*cells):
+    """``register_cell`` each of ``cells`` for the duration (then unregistered)."""
+    try:
+        for cls in cells:
+            register_cell(cls)
+        yield
+    finally:
+        for cls in cells:
+            unregister_cell(cls.name)
 
 
 def make_params(cell, inputs, hidden, rng, dtype):
@@ -17,7 +88,7 @@ def make_params(cell, inputs, hidden, rng, dtype):
 def make_case(cell_name, layers, pattern, length, batch=3, inputs=3, hidden=4, dtype=np.float64,
               seed=0, outputs=None):
     rng = np.random.default_rng(seed)
-    cell = LSTMCell(layers) if cell_name == "lstm" else RNNCell(layers)
+    cell = get_cell(cell_name, layers)
     params = make_params(cell, inputs, hidden, rng, dtype)
     x = rng.standard_normal((batch, length, inputs)).astype(dtype)
     if outputs is None:

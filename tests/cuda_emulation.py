@@ -1,8 +1,9 @@
 """NumPy transcriptions of the CUDA kernels and of cuBLAS, with memory checks.
 
-The CuPy backend's *host* code (workspace layout, schedule indexing, the CSR
-accumulation order, slot reuse, graph capture / replay, input staging) can
-run unchanged against these instead of a GPU (``EmulatedLauncher``).  Each
+The CuPy backend (its primitives as the executor calls them: the arguments
+each kernel gets, the in-place and aliasing patterns the plan produces; and
+its launch logic: staging, graph capture / replay) can run unchanged
+against these instead of a GPU (``EmulatedLauncher``).  Each
 emulated kernel is an independent transcription of its ``.cu`` source with
 the same parameter list; it checks every pointer access against the buffer
 it was given and that no element read by one thread is written by another
@@ -17,6 +18,8 @@ use the kernels' own ``tanh`` so that the two agree bit for bit.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import numpy as np
 
@@ -96,7 +99,7 @@ class _Memory:
             same = wa[1:] == wa[:-1]
             if np.any(same):
                 raise Hazard(f"{self.kernel}: an address is written twice")
-            if self.reads:
+            if self.reads and wa.size:
                 ra = np.concatenate([a for a, _ in self.reads])
                 rt = np.concatenate([t for _, t in self.reads])
                 hit = np.searchsorted(wa, ra)
@@ -119,182 +122,235 @@ def _ints(mem, array, positions, what):
     return mem.load(array, positions, None, what).astype(np.int64)
 
 
-def _row(mem, idx, r, m, b, batch, what):
-    """ts_row: idx[m] * batch + b, or r."""
-    if idx is None:
-        return r
-    rows = _ints(mem, idx, m, what)
-    if rows.size and rows.min() < 0:
+def _coords(total, width, minors):
+    """ts_coords_of for every element of a launch: (e, row, major, minor, col)."""
+    e = np.arange(int(total), dtype=np.int64)
+    row, col = e // width, e % width
+    return e, row, row // minors, row % minors, col
+
+
+def _row(mem, index, row, major, minor, batch, what):
+    """ts_row: index[major] * batch + minor, or the launch's own row."""
+    if index is None:
+        return row
+    locations = _ints(mem, index, major, what)
+    if locations.size and locations.min() < 0:
         raise Hazard(f"{mem.kernel}({what}): negative index")
-    return rows * batch + b
+    return locations * batch + minor
 
 
-def _node_grad(mem, node, b, j, e, batch, hidden, csr_ptr, csr_slot, dop, ext_idx, dext,
-               num_answers, what, dtype):
-    """ts_node_grad: external gradient, then the consumers in CSR order."""
-    g = np.zeros(node.shape, dtype)
-    if ext_idx is not None and dext is not None:
-        k = _ints(mem, ext_idx, node, "ext_idx")
-        has = k >= 0
-        g[has] = mem.load(dext, (b[has] * num_answers + k[has]) * hidden + j[has], e[has],
-                          f"dext_{what}")
-    start = _ints(mem, csr_ptr, node, "csr_ptr")
-    stop = _ints(mem, csr_ptr, node + 1, "csr_ptr")
-    for t in range(int((stop - start).max(initial=0))):
-        live = start + t < stop
-        s = _ints(mem, csr_slot, start[live] + t, "csr_slot")
-        merge_row = (s >> 1) * batch + b[live]
-        g[live] += mem.load(dop, (merge_row * 2 + (s & 1)) * hidden + j[live], e[live],
-                            f"dop_{what}")
-    return g
+def _gated_cell(mem, i, g, forgets, sources, e, row, major, minor, col, batch, hidden):
+    """ts_gated_cell: c = i * g, then + f_k * c_k in order."""
+    c = i * g
+    for k, (f, (src, index)) in enumerate(zip(forgets, sources)):
+        location = _row(mem, index, row, major, minor, batch, f"c{k}_idx")
+        c = c + f * mem.load(src, location * hidden + col, e, f"c{k}_src")
+    return c
 
 
-def ts_gather_pairs(src, left, right, X, width, batch, hidden):
-    mem = _Memory("ts_gather_pairs")
-    W, B, H = int(width), int(batch), int(hidden)
-    e = np.arange(W * B * 2 * H)
-    r, col = e // (2 * H), e % (2 * H)
-    m, b = r // B, r % B
-    side = (col >= H).astype(np.int64)
-    j = col - side * H
-    node = np.where(side == 1, _ints(mem, right, m, "right"), _ints(mem, left, m, "left"))
-    values = mem.load(src, (node * B + b) * H + j, e, "src")
-    mem.store(X, e, e, values, "X")
-    mem.commit()
+def _write_answer(mem, answers, answer_index, e, major, minor, col, num_answers, hidden,
+                  values, what):
+    """ts_write_answer: answers[b, k] = value where answer_index[m] >= 0."""
+    k = _ints(mem, answer_index, major, "ans_idx")
+    has = (k >= 0) & (answers is not None)
+    if has.any():
+        mem.store(answers, (minor[has] * num_answers + k[has]) * hidden + col[has], e[has],
+                  values[has], what)
 
 
-def ts_lstm_gates_fwd(act, bias, rows, batch, hidden, num_prev, c0_src, c0_idx, c1_src, c1_idx,
-                      h_out, c_out, out_idx, ans_h, ans_c, ans_idx, num_answers):
-    mem = _Memory("ts_lstm_gates_fwd")
-    R, B, H, N, K = int(rows), int(batch), int(hidden), int(num_prev), int(num_answers)
-    e = np.arange(R * H)
-    r, j = e // H, e % H
-    m, b = r // B, r % B
-    base = r * (3 + N) * H
-
-    def gate(g):
-        return (mem.load(act, base + g * H + j, e, "act")
-                + mem.load(bias, g * H + j, e, "bias"))
-
-    i, g_, o = _sigmoid(gate(0)), tanh(gate(1)), _sigmoid(gate(2))
-    for block, value in enumerate((i, g_, o)):
-        mem.store(act, base + block * H + j, e, value, "act")
-    c = i * g_
-    for k, (src, idx) in enumerate(((c0_src, c0_idx), (c1_src, c1_idx))[:N]):
-        f = _sigmoid(gate(3 + k))
-        mem.store(act, base + (3 + k) * H + j, e, f, "act")
-        c = c + f * mem.load(src, _row(mem, idx, r, m, b, B, f"c{k}_idx") * H + j, e, f"c{k}_src")
-    h = o * tanh(c)
-    out_row = _row(mem, out_idx, r, m, b, B, "out_idx")
-    if h_out is not None:
-        mem.store(h_out, out_row * H + j, e, h, "h_out")
-    if c_out is not None:
-        mem.store(c_out, out_row * H + j, e, c, "c_out")
-    if ans_idx is not None:
-        k = _ints(mem, ans_idx, m, "ans_idx")
-        has = k >= 0
-        at = (b[has] * K + k[has]) * H + j[has]
-        if ans_h is not None:
-            mem.store(ans_h, at, e[has], h[has], "ans_h")
-        if ans_c is not None:
-            mem.store(ans_c, at, e[has], c[has], "ans_c")
-    mem.commit()
-
-
-def ts_rnn_act_fwd(a, bias, rows, batch, hidden, relu, h_out, out_idx, ans_h, ans_idx,
-                   num_answers):
-    mem = _Memory("ts_rnn_act_fwd")
-    R, B, H, K = int(rows), int(batch), int(hidden), int(num_answers)
-    e = np.arange(R * H)
-    r, j = e // H, e % H
-    m, b = r // B, r % B
-    v = mem.load(a, e, e, "a") + mem.load(bias, j, e, "bias")
-    if int(relu):
-        v = np.where(v < 0, v.dtype.type(0), v)
-    mem.store(a, e, e, v, "a")
-    if h_out is not None:
-        mem.store(h_out, _row(mem, out_idx, r, m, b, B, "out_idx") * H + j, e, v, "h_out")
-    if ans_idx is not None:
-        k = _ints(mem, ans_idx, m, "ans_idx")
-        has = (k >= 0) & (ans_h is not None)
-        if has.any():
-            mem.store(ans_h, (b[has] * K + k[has]) * H + j[has], e[has], v[has], "ans_h")
-    mem.commit()
-
-
-def ts_gather_answers(store, nodes, num_answers, batch, hidden, out):
-    mem = _Memory("ts_gather_answers")
+def _answer_launch(kernel, locations, num_answers, batch, hidden):
+    """(memory, every element e of the (batch, K, hidden) answers, e's offset in a
+    store: ts_answer_in_store)."""
+    mem = _Memory(kernel)
     K, B, H = int(num_answers), int(batch), int(hidden)
-    e = np.arange(B * K * H)
-    bk, j = e // H, e % H
-    b, k = bk // K, bk % K
-    node = _ints(mem, nodes, k, "nodes")
-    mem.store(out, e, e, mem.load(store, (node * B + b) * H + j, e, "store"), "out")
+    e = np.arange(B * K * H, dtype=np.int64)
+    b, k, col = e // H // K, e // H % K, e % H
+    return mem, e, (_ints(mem, locations, k, "locations") * B + b) * H + col
+
+
+# ============================================================ forward.cu
+def ts_gather_pairs(store, left, right, out, width, batch, hidden):
+    mem = _Memory("ts_gather_pairs")
+    B, H = int(batch), int(hidden)
+    e, _, m, b, col = _coords(int(width) * B * 2 * H, 2 * H, B)
+    side = (col >= H).astype(np.int64)
+    location = np.where(side == 1, _ints(mem, right, m, "right"), _ints(mem, left, m, "left"))
+    values = mem.load(store, (location * B + b) * H + col - side * H, e, "store")
+    mem.store(out, e, e, values, "out")
     mem.commit()
 
 
-def ts_lstm_gates_bwd(act, c_cur, rows, batch, hidden, num_prev, c0_src, c0_idx, c1_src, c1_idx,
-                      dh_in, dc_in, node_base, csr_ptr, csr_slot, dop_h, dop_c,
-                      ext_idx, dext_h, dext_c, num_answers, dcs_out, dcs_stride):
-    mem = _Memory("ts_lstm_gates_bwd")
-    R, B, H, N = int(rows), int(batch), int(hidden), int(num_prev)
-    K, stride = int(num_answers), int(dcs_stride)
-    e = np.arange(R * H)
-    r, j = e // H, e % H
-    m, b = r // B, r % B
+def ts_gated_forward(act, bias, rows, batch, hidden, num_prev, c0_src, c0_idx, c1_src, c1_idx,
+                     h_out, c_out, out_idx, ans_h, ans_c, ans_idx, num_answers):
+    mem = _Memory("ts_gated_forward")
+    B, H, N, K = int(batch), int(hidden), int(num_prev), int(num_answers)
+    e, r, m, b, j = _coords(int(rows) * H, H, B)
     base = r * (3 + N) * H
-    dtype = act.dtype
-    if csr_ptr is not None:
-        node = int(node_base) + m
-        dh = _node_grad(mem, node, b, j, e, B, H, csr_ptr, csr_slot, dop_h, ext_idx, dext_h,
-                        K, "h", dtype)
-        dc = (_node_grad(mem, node, b, j, e, B, H, csr_ptr, csr_slot, dop_c, ext_idx, dext_c,
-                         K, "c", dtype) if dop_c is not None else np.zeros(R * H, dtype))
-    else:
-        dh = mem.load(dh_in, e, e, "dh_in")
-        dc = mem.load(dc_in, e, e, "dc_in") if dc_in is not None else np.zeros(R * H, dtype)
-    one = dtype.type(1)
+    gates = []
+    for block in range(3 + N):
+        a = (mem.load(act, base + block * H + j, e, "act")
+             + mem.load(bias, block * H + j, e, "bias"))
+        gates.append(tanh(a) if block == 1 else _sigmoid(a))
+        mem.store(act, base + block * H + j, e, gates[-1], "act")
+    sources = ((c0_src, c0_idx), (c1_src, c1_idx))[:N]
+    c = _gated_cell(mem, gates[0], gates[1], gates[3:], sources, e, r, m, b, j, B, H)
+    h = gates[2] * tanh(c)
+    out = _row(mem, out_idx, r, m, b, B, "out_idx") * H + j
+    if h_out is not None:
+        mem.store(h_out, out, e, h, "h_out")
+    if c_out is not None:
+        mem.store(c_out, out, e, c, "c_out")
+    if ans_idx is not None:
+        _write_answer(mem, ans_h, ans_idx, e, m, b, j, K, H, h, "ans_h")
+        _write_answer(mem, ans_c, ans_idx, e, m, b, j, K, H, c, "ans_c")
+    mem.commit()
+
+
+def ts_affine_forward(out, bias, rows, batch, hidden, relu, h_out, out_idx, ans_h, ans_idx,
+                      num_answers):
+    mem = _Memory("ts_affine_forward")
+    B, H, K = int(batch), int(hidden), int(num_answers)
+    e, r, m, b, j = _coords(int(rows) * H, H, B)
+    h = mem.load(out, e, e, "out") + mem.load(bias, j, e, "bias")
+    if int(relu):
+        h = np.where(h < 0, h.dtype.type(0), h)
+    mem.store(out, e, e, h, "out")
+    if h_out is not None:
+        mem.store(h_out, _row(mem, out_idx, r, m, b, B, "out_idx") * H + j, e, h, "h_out")
+    if ans_idx is not None:
+        _write_answer(mem, ans_h, ans_idx, e, m, b, j, K, H, h, "ans_h")
+    mem.commit()
+
+
+def ts_copy_answers(store, locations, num_answers, batch, hidden, out):
+    mem, e, place = _answer_launch("ts_copy_answers", locations, num_answers, batch, hidden)
+    mem.store(out, e, e, mem.load(store, place, e, "store"), "out")
+    mem.commit()
+
+
+# =========================================================== backward.cu
+def ts_scatter_answers(values, locations, num_answers, batch, hidden, store):
+    mem, e, place = _answer_launch("ts_scatter_answers", locations, num_answers, batch, hidden)
+    moved = (np.zeros(e.shape, store.dtype) if values is None
+             else mem.load(values, e, e, "values"))
+    mem.store(store, place, e, moved, "store")
+    mem.commit()
+
+
+def ts_zero_locations(store, locations, count, size):
+    mem = _Memory("ts_zero_locations")
+    size = int(size)
+    e = np.arange(int(count) * size, dtype=np.int64)
+    k = e // size
+    location = k if locations is None else _ints(mem, locations, k, "locations")
+    mem.store(store, location * size + (e - k * size), e, np.zeros(e.shape, store.dtype),
+              "store")
+    mem.commit()
+
+
+def ts_gated_cells(act, rows, batch, hidden, num_prev, c0_src, c0_idx, c1_src, c1_idx, c_out):
+    mem = _Memory("ts_gated_cells")
+    B, H, N = int(batch), int(hidden), int(num_prev)
+    e, r, m, b, j = _coords(int(rows) * H, H, B)
+    base = r * (3 + N) * H
+
+    def gate(block):
+        return mem.load(act, base + block * H + j, e, "act")
+
+    sources = ((c0_src, c0_idx), (c1_src, c1_idx))[:N]
+    forgets = [gate(3 + k) for k in range(N)]
+    c = _gated_cell(mem, gate(0), gate(1), forgets, sources, e, r, m, b, j, B, H)
+    mem.store(c_out, e, e, c, "c_out")
+    mem.commit()
+
+
+def ts_hidden_from_cells(act, c, rows, hidden, num_prev, h_out):
+    mem = _Memory("ts_hidden_from_cells")
+    H, N = int(hidden), int(num_prev)
+    e = np.arange(int(rows) * H, dtype=np.int64)
+    r, j = e // H, e % H
+    o = mem.load(act, (r * (3 + N) + 2) * H + j, e, "act")
+    mem.store(h_out, e, e, o * tanh(mem.load(c, e, e, "c")), "h_out")
+    mem.commit()
+
+
+def ts_gated_backward(act, c, rows, batch, hidden, num_prev, c0_src, c0_idx, c1_src, c1_idx,
+                      dh, dc, dc0_out, dc1_out):
+    mem = _Memory("ts_gated_backward")
+    B, H, N = int(batch), int(hidden), int(num_prev)
+    e, r, m, b, j = _coords(int(rows) * H, H, B)
+    base = r * (3 + N) * H
+    one = act.dtype.type(1)
     i = mem.load(act, base + j, e, "act")
     g = mem.load(act, base + H + j, e, "act")
     o = mem.load(act, base + 2 * H + j, e, "act")
-    tc = tanh(mem.load(c_cur, e, e, "c_cur"))
-    da_o = dh * tc * (o * (one - o))
-    dct = dh * o * (one - tc * tc) + dc
+    tc = tanh(mem.load(c, e, e, "c"))
+    dh_value = mem.load(dh, e, e, "dh")
+    dct = dh_value * o * (one - tc * tc)
+    if dc is not None:
+        dct = dct + mem.load(dc, e, e, "dc")
+    mem.store(act, base + 2 * H + j, e, dh_value * tc * (o * (one - o)), "act")
     mem.store(act, base + j, e, dct * g * (i * (one - i)), "act")
     mem.store(act, base + H + j, e, dct * i * (one - g * g), "act")
-    mem.store(act, base + 2 * H + j, e, da_o, "act")
-    for k, (src, idx) in enumerate(((c0_src, c0_idx), (c1_src, c1_idx))[:N]):
+    outputs = (dc0_out, dc1_out)
+    for k, (src, index) in enumerate(((c0_src, c0_idx), (c1_src, c1_idx))[:N]):
         f = mem.load(act, base + (3 + k) * H + j, e, "act")
-        ck = mem.load(src, _row(mem, idx, r, m, b, B, f"c{k}_idx") * H + j, e, f"c{k}_src")
+        ck = mem.load(src, _row(mem, index, r, m, b, B, f"c{k}_idx") * H + j, e, f"c{k}_src")
         mem.store(act, base + (3 + k) * H + j, e, dct * ck * (f * (one - f)), "act")
-        mem.store(dcs_out, r * stride + k * H + j, e, dct * f, "dcs_out")
+        mem.store(outputs[k], e, e, dct * f, f"dc{k}_out")
     mem.commit()
 
 
-def ts_rnn_act_bwd(dA, h_cur, rows, batch, hidden, dh_in, node_base, csr_ptr, csr_slot, dop_h,
-                   ext_idx, dext_h, num_answers):
-    mem = _Memory("ts_rnn_act_bwd")
-    R, B, H, K = int(rows), int(batch), int(hidden), int(num_answers)
-    e = np.arange(R * H)
-    r, j = e // H, e % H
-    m, b = r // B, r % B
-    if csr_ptr is not None:
-        dh = _node_grad(mem, int(node_base) + m, b, j, e, B, H, csr_ptr, csr_slot, dop_h,
-                        ext_idx, dext_h, K, "h", dA.dtype)
-    else:
-        dh = mem.load(dh_in, e, e, "dh_in")
-    if h_cur is not None:
-        dh = np.where(mem.load(h_cur, e, e, "h_cur") > 0, dh, dA.dtype.type(0))
-    mem.store(dA, e, e, dh, "dA")
+def ts_relu_backward(dh, h, rows, hidden):
+    mem = _Memory("ts_relu_backward")
+    e = np.arange(int(rows) * int(hidden), dtype=np.int64)
+    off = ~(mem.load(h, e, e, "h") > 0)
+    mem.store(dh, e[off], e[off], np.zeros(int(off.sum()), dh.dtype), "dh")
     mem.commit()
 
 
-KERNELS = {f.__name__: f for f in (ts_gather_pairs, ts_lstm_gates_fwd, ts_rnn_act_fwd,
-                                   ts_gather_answers, ts_lstm_gates_bwd, ts_rnn_act_bwd)}
+def ts_accumulate_operands(targets, consumer_ptr, consumers, first_gradient, num_targets, batch,
+                           hidden, d_pair, dh_store, dc_left, dc_right, dc_store):
+    mem = _Memory("ts_accumulate_operands")
+    B, H = int(batch), int(hidden)
+    e, _, t, b, j = _coords(int(num_targets) * B * H, H, B)
+    dtype = dh_store.dtype
+    dh = np.zeros(e.shape, dtype)
+    dc = np.zeros(e.shape, dtype)
+    start = _ints(mem, consumer_ptr, t, "consumer_ptr")
+    stop = _ints(mem, consumer_ptr, t + 1, "consumer_ptr")
+    for step in range(int((stop - start).max(initial=0))):
+        live = start + step < stop
+        code = _ints(mem, consumers, start[live] + step, "consumers")
+        side, row = code & 1, (code >> 1) * B + b[live]
+        dh[live] += mem.load(d_pair, (row * 2 + side) * H + j[live], e[live], "d_pair")
+        if dc_left is not None:
+            for which, source in ((0, dc_left), (1, dc_right)):
+                pick = side == which
+                lanes = np.flatnonzero(live)[pick]
+                dc[lanes] += mem.load(source, row[pick] * H + j[lanes], e[lanes],
+                                      "dc_right" if which else "dc_left")
+    node = (_ints(mem, targets, t, "targets") * B + b) * H + j
+    first = _ints(mem, first_gradient, t, "first_gradient") != 0
+    for store, value, what in ((dh_store, dh, "dh_store"), (dc_store, dc, "dc_store")):
+        if store is None:
+            continue
+        later = ~first
+        value = value.copy()
+        value[later] = mem.load(store, node[later], e[later], what) + value[later]
+        mem.store(store, node, e, value, what)
+    mem.commit()
 
 
-def colmajor_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc):
-    """Reference BLAS gemm over flat column-major buffers (alpha = 1, beta = 0)."""
+KERNELS = {f.__name__: f for f in (
+    ts_gather_pairs, ts_gated_forward, ts_affine_forward, ts_copy_answers,
+    ts_scatter_answers, ts_zero_locations, ts_gated_cells, ts_hidden_from_cells,
+    ts_gated_backward, ts_relu_backward, ts_accumulate_operands)}
+
+
+def colmajor_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc, beta=0):
+    """Reference BLAS gemm over flat column-major buffers (alpha = 1; beta 0 or 1,
+    and with beta = 0 C is not read, as in BLAS)."""
     i, j, p = np.arange(m), np.arange(n), np.arange(k)
     if transa == CUBLAS_OP_N:
         assert lda >= max(1, m)
@@ -309,7 +365,8 @@ def colmajor_gemm(transa, transb, m, n, k, A, lda, B, ldb, C, ldc):
         assert ldb >= max(1, n)
         op_b = B[j[None, :] + p[:, None] * ldb]
     assert ldc >= max(1, m)
-    C[i[:, None] + j[None, :] * ldc] = op_a @ op_b
+    where = i[:, None] + j[None, :] * ldc
+    C[where] = op_a @ op_b if beta == 0 else op_a @ op_b + C[where]
 
 
 class EmulatedLauncher:
@@ -319,6 +376,7 @@ class EmulatedLauncher:
         self.recording = None
         self.executed = 0      # launches run outside a graph replay
         self.replaying = False
+        self.launched = Counter()   # kernel name -> launches issued (eager or captured)
 
     @staticmethod
     def is_array(value):
@@ -336,9 +394,10 @@ class EmulatedLauncher:
         if total <= 0:
             return
         cuda_source.check_arguments(name, args, dtype, self.is_array)
+        self.launched[name] += 1
         self._issue(lambda: KERNELS[name](*args))
 
-    def gemm(self, a, b, out, trans_a=False, trans_b=False):
+    def gemm(self, a, b, out, trans_a=False, trans_b=False, accumulate=False):
         transa, transb, m, n, k, lda, ldb, ldc = check_gemm_operands(a, b, out, trans_a, trans_b)
         for operand in (a, b):
             if np.shares_memory(out, operand):
@@ -346,7 +405,7 @@ class EmulatedLauncher:
 
         def run():
             colmajor_gemm(transa, transb, m, n, k, b.reshape(-1), lda, a.reshape(-1), ldb,
-                          out.reshape(-1), ldc)
+                          out.reshape(-1), ldc, beta=1 if accumulate else 0)
         self._issue(run)
 
 

@@ -9,9 +9,10 @@ threads), so the grid-stride loops wrap as they do on a GPU at full size.
 
 * the sources compile as C++ with ``-Wall -Wextra -Werror``, each file alone
   and as the one translation unit NVRTC sees;
-* the host code with the real kernels equals the NumPy reference over
+* the backend with the real kernels equals the NumPy reference over
   patterns x cells x num_layers 1-3 x T in {1, 2, 3, 7, 41, 64} x B in {1, 3}
-  x float32 / float64 x outputs all / last / k, inference and training;
+  x float32 / float64 x outputs all / last / k, inference and training; so
+  do toy cells registered by name and described only by their layers;
 * per launch, each kernel equals its NumPy transcription
   (``tests/cuda_emulation.py``) on identical memory, bit for bit, when both
   use the kernels' tanh; the transcriptions also check every access and race;
@@ -28,7 +29,7 @@ import zlib
 import numpy as np
 import pytest
 import cuda_emulation
-from backend_checks import make_params, rel
+from backend_checks import TOY_CELLS, make_params, registered, rel
 from cuda_on_cpu import (
     CudaCallError,
     cpu_backend,
@@ -41,7 +42,7 @@ from cuda_on_cpu import (
 import treesched
 from treesched.backends import cuda_source
 from treesched.backends.numpy_backend import NumpyBackend
-from treesched.ops import LSTMCell, RNNCell
+from treesched.ops import LSTMCell, RNNCell, get_cell
 
 pytestmark = pytest.mark.skipif(why_unavailable() is not None,
                                 reason=f"cannot build the kernels: {why_unavailable()}")
@@ -54,8 +55,27 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-12}  # relative to the largest entry
 INPUTS, HIDDEN = 3, 4
 
 
+TOY_NAMES = tuple(cls.name for cls in TOY_CELLS)
+
+#: The kernels a pass of each kind of cell launches (the union is all of them).
+KERNELS_OF = {
+    "gated": {"ts_gather_pairs", "ts_gated_forward", "ts_copy_answers", "ts_scatter_answers",
+              "ts_zero_locations", "ts_gated_cells", "ts_hidden_from_cells",
+              "ts_gated_backward", "ts_accumulate_operands"},
+    "affine": {"ts_gather_pairs", "ts_affine_forward", "ts_copy_answers",
+               "ts_scatter_answers", "ts_zero_locations", "ts_relu_backward",
+               "ts_accumulate_operands"},
+}
+
+
+@pytest.fixture(autouse=True)
+def toy_cells():
+    with registered(*TOY_CELLS):
+        yield
+
+
 def _cell(name, layers):
-    return LSTMCell(layers) if name == "lstm" else RNNCell(layers)
+    return get_cell(name, layers)
 
 
 def _outputs(pattern, length):
@@ -146,7 +166,33 @@ def test_real_kernels_match_the_numpy_reference(pattern, cell_name, layers, dtyp
     assert {block for _, _, block in runtime.launches} == {32}
 
 
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("cell_name", TOY_NAMES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_registered_toy_cells_match_the_numpy_reference(pattern, cell_name, dtype):
+    """A cell no backend knows by name (registered with ``register_cell``,
+    described by its layers) runs on the real kernels: the gated toy's merge
+    gates no previous cell (num_prev = 0), the affine toy rectifies its leaf."""
+    backend, runtime = cpu_backend(use_graphs=False)
+    reference = NumpyBackend()
+    rng = np.random.default_rng(zlib.crc32(f"{pattern} {cell_name} {dtype}".encode()))
+    for layers in (1, 2, 3):
+        cell = _cell(cell_name, layers)
+        params = make_params(cell, INPUTS, HIDDEN, rng, dtype)
+        for length in (1, 7, 41):
+            for batch in BATCHES:
+                x = rng.standard_normal((batch, length, INPUTS)).astype(dtype)
+                for outputs in _outputs(pattern, length)[:2]:
+                    schedule = treesched.compile(length, pattern, outputs)
+                    seed = int(rng.integers(2**31))
+                    _compare(_run(backend, cell, params, x, schedule, seed),
+                             _run(reference, cell, params, x, schedule, seed),
+                             TOLERANCE[dtype],
+                             f"{pattern} {cell_name} L={layers} T={length} B={batch} {outputs}")
+    assert {name for name, _, _ in runtime.launches} == KERNELS_OF[cell.kind]
+
+
+@pytest.mark.parametrize("cell_name", ("lstm", "rnn") + TOY_NAMES)
 def test_graph_replay_equals_eager_with_new_inputs_each_call(cell_name):
     cell = _cell(cell_name, 2)
     schedule = treesched.compile(23, "odd-even", "all")
@@ -251,7 +297,7 @@ def kernels_tanh():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell_name", ("lstm", "rnn") + TOY_NAMES)
 def test_every_launch_equals_its_transcription_bitwise(cell_name, dtype, kernels_tanh):
     backend, runtime = cpu_backend(use_graphs=True)
     twins = TwinLaunches(runtime)
@@ -262,16 +308,18 @@ def test_every_launch_equals_its_transcription_bitwise(cell_name, dtype, kernels
         for pattern, length, batch, outputs in (("odd-even", 41, 3, "all"),
                                                 ("kogge-stone", 13, 1, 3),
                                                 ("reduce", 7, 3, "last"),
-                                                ("sequential", 5, 2, "last")):
+                                                ("sequential", 5, 2, "last"),
+                                                ("odd-even", 1, 2, "all")):  # no merges
             schedule = treesched.compile(length, pattern, outputs)
             x = rng.standard_normal((batch, length, INPUTS)).astype(dtype)
             for call in range(3):  # eager, capture + replay, replay
                 _run(backend, cell, params, x, schedule, call)
-    prefix = "ts_lstm_" if cell_name == "lstm" else "ts_rnn_"
-    assert set(twins.compared) == {name for name in cuda_source.kernel_names()
-                                   if not name.startswith(("ts_lstm_", "ts_rnn_"))
-                                   or name.startswith(prefix)}
+    assert set(twins.compared) == KERNELS_OF[cell.kind]
     assert runtime.replays > 0
+
+
+def test_the_kernels_of_both_kinds_are_every_kernel():
+    assert KERNELS_OF["gated"] | KERNELS_OF["affine"] == set(cuda_source.kernel_names())
 
 
 # ========================================================= launch arguments
@@ -292,6 +340,8 @@ def test_arguments_handed_to_the_runtime_hold_no_none_and_have_kernel_widths():
         x = rng.standard_normal((2, 9, INPUTS)).astype(np.float32)
         for outputs in ("all", 2):
             _run(backend, cell, params, x, treesched.compile(9, "odd-even", outputs), 0)
+        # length 1: no merge ran, so the merge gradients are zeroed by a kernel
+        _run(backend, cell, params, x[:, :1], treesched.compile(1, "odd-even", "all"), 0)
     assert {name for name, _ in seen} == set(cuda_source.kernel_names())
     nulls = 0
     for name, args in seen:
@@ -331,16 +381,31 @@ def test_the_runtime_refuses_what_a_gpu_would_misread():
 
 # ============================================================ broken kernels
 MUTATIONS = {
-    "gather takes the wrong half": ("const int side = col >= hidden ? 1 : 0;",
-                                    "const int side = col > hidden ? 1 : 0;"),
-    "forward forgets the second cell": ("c += f * c1_src[", "c -= f * c1_src["),
-    "backward subtracts dc from above": ("const real dct = dh * o * ((real)1 - tc * tc) + dc;",
-                                         "const real dct = dh * o * ((real)1 - tc * tc) - dc;"),
-    "accumulation skips the last consumer": ("for (int p = csr_ptr[node]; p < stop; ++p)",
-                                             "for (int p = csr_ptr[node]; p + 1 < stop; ++p)"),
+    "gather takes the wrong half": ("const int side = at.col >= hidden ? 1 : 0;",
+                                    "const int side = at.col > hidden ? 1 : 0;"),
+    "the forward forgets the second cell": (
+        "if (num_prev > 1) c += gates[4 * hidden + j]",
+        "if (num_prev > 1) c -= gates[4 * hidden + j]"),
+    "the cell gate is a sigmoid": ("gates[column] = block == 1 ? ts_tanh(a) : ts_sigmoid(a);",
+                                   "gates[column] = ts_sigmoid(a);"),
+    "backward subtracts dc from above": ("if (dc) dct += dc[e];", "if (dc) dct -= dc[e];"),
+    "hidden recomputed from the wrong gate": ("act[(r * (3 + num_prev) + 2) * hidden + j]",
+                                              "act[(r * (3 + num_prev) + 1) * hidden + j]"),
+    "accumulation skips the last consumer": (
+        "for (int p = consumer_ptr[at.major]; p < stop; ++p)",
+        "for (int p = consumer_ptr[at.major]; p + 1 < stop; ++p)"),
+    "operand cell gradients swap sides": ("(side ? dc_right : dc_left)",
+                                          "(side ? dc_left : dc_right)"),
+    "answer gradients are dropped": ("values ? values[e] : (real)0;",
+                                     "values ? (real)0 : (real)0;"),
+    "answers come from the wrong batch element": (
+        "* batch + at.major) * hidden + at.col;", "* batch + 0) * hidden + at.col;"),
     "grid stride ignores the grid": ("e += (index_t)blockDim.x * gridDim.x)",
                                      "e += (index_t)blockDim.x)"),
-    "relu backward passes negatives": ("h_cur[e] > (real)0", "h_cur[e] >= (real)-1"),
+    "relu backward passes negatives": ("if (!(h[e] > (real)0)) dh[e] = (real)0;",
+                                       "if (!(h[e] >= (real)-1)) dh[e] = (real)0;"),
+    "affine forward forgets the relu": ("if (relu && h < (real)0) h = (real)0;",
+                                        "if (relu && h < (real)-1e9) h = (real)0;"),
 }
 
 

@@ -5,12 +5,13 @@ Two halves:
 * **GPU tests** (``@pytest.mark.gpu``): the real backend on a real GPU —
   parity with the NumPy reference (treesched.parity), determinism, CUDA graph
   replay, TF32.  Skipped, with the reason, where CuPy or a GPU is missing.
-* **Emulation tests** (always run): the backend's *host* code — workspace
-  layout, schedule indexing, the CSR accumulation order, slot reuse, graph
-  capture / replay, input staging — runs unchanged against NumPy
-  transcriptions of every CUDA kernel and of cuBLAS that check every memory
-  access and every race (``tests/cuda_emulation.py``), and must match the
-  NumPy reference executor.
+* **Emulation tests** (always run): the backend (its primitives, as the
+  executor calls them, and its launch logic: staging, graph capture /
+  replay, the ones vector of the bias gradients) runs unchanged against
+  NumPy transcriptions of every CUDA kernel and of cuBLAS that check every
+  memory access and every race (``tests/cuda_emulation.py``), and must match
+  the NumPy reference backend, for the stock cells and for toy cells
+  registered here that no backend knows by name.
 
 The real CUDA C, compiled by g++ and run on the CPU through the production
 launcher, is tested in ``tests/test_cuda_on_cpu.py``; what neither can show
@@ -26,7 +27,15 @@ import sys
 
 import numpy as np
 import pytest
-from backend_checks import assert_close, compare_once, make_case, make_params, rel
+from backend_checks import (
+    TOY_CELLS,
+    assert_close,
+    compare_once,
+    make_case,
+    make_params,
+    registered,
+    rel,
+)
 from cuda_emulation import (
     KERNELS,
     EmulatedLauncher,
@@ -34,13 +43,14 @@ from cuda_emulation import (
     RecordingGraphs,
     colmajor_gemm,
     emulated_backend,
+    ts_accumulate_operands,
+    ts_gated_forward,
     ts_gather_pairs,
-    ts_lstm_gates_fwd,
 )
 
 import treesched
 from treesched.backends import cuda_source
-from treesched.backends.cupy_backend import CupyBackend, CupyTape, check_gemm_operands, gemm_plan
+from treesched.backends.cupy_backend import CupyBackend, check_gemm_operands, gemm_plan
 from treesched.backends.numpy_backend import NumpyBackend
 from treesched.errors import TreeschedError
 from treesched.ops import LSTMCell, RNNCell
@@ -53,6 +63,17 @@ gpu = pytest.mark.skipif(_GPU_REASON is not None,
 
 
 # ============================================================ emulation tests
+STOCK_CELLS = ("lstm", "rnn")
+ALL_CELLS = STOCK_CELLS + tuple(cls.name for cls in TOY_CELLS)
+
+
+@pytest.fixture(autouse=True)
+def toy_cells():
+    """The toy cells are registered (by name, as a user would) for every test."""
+    with registered(*TOY_CELLS):
+        yield
+
+
 def test_emulator_matches_kernel_signatures():
     signatures = cuda_source.kernel_signatures()
     assert set(KERNELS) == set(signatures)
@@ -61,20 +82,22 @@ def test_emulator_matches_kernel_signatures():
         assert params == [p.name for p in signatures[name]], name
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
-def test_gemm_plan_is_the_row_major_product(trans_a, trans_b):
+def test_gemm_plan_is_the_row_major_product(trans_a, trans_b, accumulate):
     rng = np.random.default_rng(1)
     m, k, n = 5, 3, 4
     a = rng.standard_normal((k, m) if trans_a else (m, k))
     b = rng.standard_normal((n, k) if trans_b else (k, n))
-    out = np.full((m, n), np.nan)
+    before = rng.standard_normal((m, n))
+    out = before.copy() if accumulate else np.full((m, n), np.nan)
     transa, transb, mm, nn, kk, lda, ldb, ldc = gemm_plan(a.shape, b.shape, out.shape,
                                                           trans_a, trans_b)
     colmajor_gemm(transa, transb, mm, nn, kk, b.reshape(-1), lda, a.reshape(-1), ldb,
-                  out.reshape(-1), ldc)
+                  out.reshape(-1), ldc, beta=1 if accumulate else 0)
     want = (a.T if trans_a else a) @ (b.T if trans_b else b)
-    np.testing.assert_allclose(out, want, rtol=1e-12)
+    np.testing.assert_allclose(out, want + before if accumulate else want, rtol=1e-12)
 
 
 def test_gemm_plan_rejects_mismatched_shapes():
@@ -87,22 +110,21 @@ def test_gemm_plan_rejects_mismatched_shapes():
                             False, False)
 
 
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell_name", ALL_CELLS)
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_emulated_backend_matches_reference_float64(cell_name, pattern):
     cell, params, x, schedule, rng = make_case(cell_name, 2, pattern, length=11)
-    backend = emulated_backend()
-    compare_once(backend, NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
+    compare_once(emulated_backend(), NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
 
 
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell_name", ALL_CELLS)
 @pytest.mark.parametrize("layers", [1, 3])
 def test_emulated_backend_num_layers(cell_name, layers):
     cell, params, x, schedule, rng = make_case(cell_name, layers, "odd-even", length=9, seed=2)
     compare_once(emulated_backend(), NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
 
 
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell_name", ALL_CELLS)
 def test_emulated_backend_float32_and_pruned_outputs(cell_name):
     for outputs in ("last", 3):
         cell, params, x, schedule, rng = make_case(cell_name, 2, "odd-even", length=13,
@@ -110,14 +132,30 @@ def test_emulated_backend_float32_and_pruned_outputs(cell_name):
         compare_once(emulated_backend(), NumpyBackend(), cell, params, x, schedule, rng, 1e-5)
 
 
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell_name", ALL_CELLS)
 def test_length_one_has_no_merges(cell_name):
     cell, params, x, schedule, rng = make_case(cell_name, 2, "odd-even", length=1)
     grads = compare_once(emulated_backend(), NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
-    assert not np.any(grads["merge/w"]) and not np.any(grads["unary_1/b"])
+    merge, unary = cell.merge_layers
+    assert not np.any(grads[merge.weight]) and not np.any(grads[unary.bias])
 
 
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+def test_registered_toy_cells_run_on_the_kernels():
+    """A cell registered by name, described only by its layers (a merge that
+    gates no previous cell; an affine cell with a rectified leaf), runs on the
+    kernels -- no reference fallback -- and matches the NumPy reference."""
+    for cls, own_kernels in ((TOY_CELLS[0], {"ts_gated_forward", "ts_gated_backward"}),
+                             (TOY_CELLS[1], {"ts_affine_forward", "ts_relu_backward"})):
+        cell = treesched.ops.get_cell(cls.name, 3)
+        assert type(cell) is cls
+        _, params, x, schedule, rng = make_case(cls.name, 3, "sklansky", length=10, seed=4)
+        backend = emulated_backend(use_graphs=False)
+        compare_once(backend, NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
+        assert own_kernels <= set(backend.launcher.launched)
+        assert "ts_accumulate_operands" in backend.launcher.launched
+
+
+@pytest.mark.parametrize("cell_name", ALL_CELLS)
 def test_graph_capture_and_replay_with_new_inputs(cell_name):
     """Call 1 runs eagerly, call 2 captures, call 3+ replay; every call's inputs,
     parameters and output gradients are new and every result must follow them."""
@@ -129,15 +167,20 @@ def test_graph_capture_and_replay_with_new_inputs(cell_name):
         x = rng.standard_normal(x.shape)
         compare_once(backend, reference, cell, params, x, schedule, rng, 1e-12)
     graphs, launcher = backend.graphs, backend.launcher
-    # forward (train), forward (infer), backward: each captured once
+    # forward (training), forward (inference), backward: each captured once
     assert graphs.captures == 3
     assert graphs.launches == 3 * 3
-    # after capture, nothing but the answer gather runs outside the graphs
+    # after capture, every launch of a pass is in its graph
     before = launcher.executed
     compare_once(backend, reference, cell, params, x, schedule, rng, 1e-12)
-    assert launcher.executed - before == len(cell.state_names)
+    assert launcher.executed == before
     stats = backend.stats()
-    assert stats["graphs"] == 3 and stats["workspaces"] == 2
+    assert stats["graphs"] == 3 and stats["workspaces"] == 2 and stats["allocations"] == 2
+    # a backward with other given gradients or need_dx is another variant: captured anew
+    for _ in range(2):
+        _, tape = backend.encode(cell, params, x, schedule, need_grad=True)
+        backend.encode_backward(cell, params, tape, (None,) * len(cell.state_names), False)
+    assert backend.stats()["graphs"] == 4
 
 
 def test_graphs_disabled_and_failed_capture_fall_back_to_eager():
@@ -146,12 +189,15 @@ def test_graphs_disabled_and_failed_capture_fall_back_to_eager():
     for _ in range(3):
         compare_once(off, NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
     assert off.graphs.captures == 0 and off.graphs.launches == 0
+    assert off.stats()["graphs"] == 0
 
     broken = emulated_backend(fail=True)
-    with pytest.warns(RuntimeWarning, match="capture failed"):
+    with pytest.warns(RuntimeWarning, match="capture failed") as warned:
         for _ in range(3):
             compare_once(broken, NumpyBackend(), cell, params, x, schedule, rng, 1e-12)
+    assert len(warned) == 1   # once, then eager without trying again
     assert broken.graph_error and not broken.graphs_active
+    assert broken.stats()["graph_error"] == broken.graph_error
 
 
 def test_tf32_and_graphs_follow_the_environment(monkeypatch):
@@ -184,15 +230,19 @@ def test_workspaces_are_reused_and_live_tapes_are_protected():
     got, _ = backend.encode_backward(cell, params, tape1, dstates)
     for name in want:
         assert_close(got[name], want[name], 1e-12, name)
-    # once the tapes are gone, the workspace is reused (no new allocation)
-    del tape1, tape2
+    # a consumed tape is refused (its activations became gradients in place)
+    with pytest.raises(TreeschedError, match="already run"):
+        backend.encode_backward(cell, params, tape1, dstates)
+    # once its backward ran, the workspace is reused (no new allocation)
+    allocations = backend.stats()["allocations"]
     _, tape3 = backend.encode(cell, params, x, schedule, need_grad=True)
-    assert tape3.workspace is ws
-    # a stale tape (its workspace ran another forward) is refused
-    stale = CupyTape.__new__(CupyTape)
-    stale.__dict__.update(tape3.__dict__, generation=tape3.generation - 1)
-    with pytest.raises(TreeschedError, match="stale"):
-        backend.encode_backward(cell, params, stale, dstates)
+    assert tape3.workspace is ws and backend.stats()["allocations"] == allocations
+    # a tape of another backend, or of another cell, is refused
+    with pytest.raises(TreeschedError, match="another backend"):
+        emulated_backend().encode_backward(cell, params, tape3, dstates)
+    with pytest.raises(TreeschedError, match="recorded for"):
+        backend.encode_backward(RNNCell(2), params, tape3, (np.zeros((3, 8, 4)),))
+    del tape2
 
 
 def test_workspace_cache_is_bounded():
@@ -205,7 +255,26 @@ def test_workspace_cache_is_bounded():
         backend.encode(cell, params, x, treesched.compile(length), need_grad=False)
     assert backend.stats()["workspaces"] == 2
     backend.clear()
-    assert backend.stats()["workspaces"] == 0
+    stats = backend.stats()
+    assert stats["workspaces"] == 0 and stats["graphs"] == 0 and stats["device_plans"] == 0
+
+
+def test_training_workspaces_hold_the_ones_of_the_bias_gradient():
+    cell, params, x, schedule, _ = make_case("rnn", 2, "odd-even", length=6)
+    backend = emulated_backend()
+    _, tape = backend.encode(cell, params, x, schedule, need_grad=True)
+    assert not [name for name in tape.workspace.buffers if name.startswith("ones")]
+    backend.encode_backward(cell, params, tape, (np.ones((3, 6, 4)),))
+    ones = {name: buffer for name, buffer in tape.workspace.buffers.items()
+            if name.startswith("ones")}
+    # one per row count the bias gradients sum over: the leaves (T * B) and each level
+    assert f"ones {6 * 3}" in ones and all(np.all(buffer == 1) for buffer in ones.values())
+    backend.encode(cell, params, x, schedule, need_grad=False)
+    inference = [ws for ws in backend.workspaces.entries.values() if ws.plan.mode == "inference"]
+    assert len(inference) == 1 and not [n for n in inference[0].buffers if n.startswith("ones")]
+    with pytest.raises(TreeschedError, match="only while a pass runs"):
+        backend.weight_gradient(np.ones((2, 2)), np.ones((2, 2)), np.ones((2, 2)), np.ones(2),
+                                False)
 
 
 def test_inputs_are_validated():
@@ -213,6 +282,10 @@ def test_inputs_are_validated():
     backend = emulated_backend()
     with pytest.raises(TreeschedError, match="length"):
         backend.encode(cell, params, x[:, :4], schedule, need_grad=False)
+    with pytest.raises(TreeschedError, match="numpy array"):
+        backend.encode(cell, params, x.tolist(), schedule, need_grad=False)
+    with pytest.raises(TreeschedError, match="float32 or float64"):
+        backend.encode(cell, params, x.astype(np.float16), schedule, need_grad=False)
     bad = dict(params, **{"merge/w": params["merge/w"].astype(np.float32)})
     with pytest.raises(TreeschedError, match="dtype"):
         backend.encode(cell, bad, x, schedule, need_grad=False)
@@ -224,8 +297,22 @@ def test_inputs_are_validated():
         backend.encode_backward(cell, params, tape, (np.zeros((1, 2, 3)), None))
     with pytest.raises(TreeschedError, match="tuple of 2"):
         backend.encode_backward(cell, params, tape, (np.zeros((3, 5, 4)),))
-    with pytest.raises(TreeschedError, match="recorded for a lstm"):
-        backend.encode_backward(RNNCell(2), params, tape, (np.zeros((3, 5, 4)),))
+    # nothing ran on a refused input: the tape is still good
+    grads, _ = backend.encode_backward(cell, params, tape, (np.zeros((3, 5, 4)), None))
+    assert not np.any(grads["merge/w"])
+
+
+def test_sizes_beyond_32_bits_are_refused():
+    backend = emulated_backend()
+    with pytest.raises(TreeschedError, match="32-bit"):
+        backend.index(np.array([0, 2**31], np.int64))
+    store = np.zeros((1, 1, 1))
+    index = backend.index(np.array([0], np.int64))
+    assert index.dtype == np.int32
+    # a batch of 2**31 (a broadcast view: no memory) does not fit a kernel's int
+    huge = np.lib.stride_tricks.as_strided(store, (1, 2**31, 1), (8, 0, 0))
+    with pytest.raises(TreeschedError, match="32-bit"):
+        backend.gather_pairs(huge, index, index, np.zeros((1, 2)))
 
 
 def test_non_contiguous_inputs_and_dc_gradient():
@@ -236,6 +323,8 @@ def test_non_contiguous_inputs_and_dc_gradient():
     for _ in range(3):
         want, want_tape = reference.encode(cell, params, wide, schedule, need_grad=True)
         got, tape = backend.encode(cell, params, wide, schedule, need_grad=True)
+        for g, w in zip(got, want):
+            assert_close(g, w, 1e-12, "state")
         dstates = tuple(rng.standard_normal(w.shape)[:, ::-1] for w in want)  # both h and c
         dstates = tuple(np.ascontiguousarray(d)[:, ::-1] for d in dstates)
         w_grads, w_dx = reference.encode_backward(cell, params, want_tape, dstates, True)
@@ -245,10 +334,11 @@ def test_non_contiguous_inputs_and_dc_gradient():
         assert_close(g_dx, w_dx, 1e-12, "dx")
 
 
-def test_backward_is_deterministic():
-    cell, params, x, schedule, rng = make_case("lstm", 2, "kogge-stone", length=12)
+@pytest.mark.parametrize("cell_name", ALL_CELLS)
+def test_backward_is_deterministic(cell_name):
+    cell, params, x, schedule, rng = make_case(cell_name, 2, "kogge-stone", length=12)
     backend = emulated_backend()
-    dstates = (rng.standard_normal((3, 12, 4)), None)
+    dstates = tuple(rng.standard_normal((3, 12, 4)) for _ in cell.state_names)
     results = []
     for _ in range(3):
         _, tape = backend.encode(cell, params, x, schedule, need_grad=True)
@@ -259,36 +349,28 @@ def test_backward_is_deterministic():
             assert np.array_equal(grads[name], results[0][name]), name
 
 
-def test_unknown_cells_run_on_the_reference_code():
-    class Twin(LSTMCell):
-        name = "twin"
-
-    cell, params, x, schedule, rng = make_case("lstm", 2, "odd-even", length=6)
-    backend = emulated_backend()
-    twin = Twin(2)
-    got, tape = backend.encode(twin, params, x, schedule, need_grad=True)
-    want, _ = NumpyBackend().encode(twin, params, x, schedule, need_grad=True)
-    assert_close(got[0], want[0], 0, "h")
-    grads, _ = backend.encode_backward(twin, params, tape, (np.ones_like(got[0]), None))
-    assert backend.launcher.executed == 0 and "merge/w" in grads
-
-
 def test_emulator_catches_races_and_out_of_bounds():
     # the emulator is not vacuous: a launch that writes another thread's
     # operand, or reads past a buffer, fails
     H, B = 2, 1
-    store = np.zeros((3 * B, H))
+    store = np.zeros((3, B, H))
     act = np.zeros((2 * B, 5 * H))
     bias = np.zeros(5 * H)
     idx = np.array([0, 1], np.int32)
     with pytest.raises(Hazard, match="race"):
         # merge 0 writes slot 1 while merge 1 reads slot 1 as its operand
-        ts_lstm_gates_fwd(act, bias, np.int32(2 * B), np.int32(B), np.int32(H), np.int32(2),
-                          store, idx, store, idx, None, store, np.array([1, 2], np.int32),
-                          None, None, None, np.int32(0))
+        ts_gated_forward(act, bias, np.int32(2 * B), np.int32(B), np.int32(H), np.int32(2),
+                         store, idx, store, idx, None, store, np.array([1, 2], np.int32),
+                         None, None, None, np.int32(0))
     with pytest.raises(Hazard, match="outside"):
         ts_gather_pairs(store, np.array([5], np.int32), np.array([0], np.int32),
                         np.zeros((B, 2 * H)), np.int32(1), np.int32(B), np.int32(H))
+    with pytest.raises(Hazard, match="written twice"):
+        # a target listed twice would be summed by two threads
+        ts_accumulate_operands(np.array([0, 0], np.int32), np.array([0, 1, 2], np.int32),
+                               np.array([0, 1], np.int32), np.array([1, 1], np.int32),
+                               np.int32(2), np.int32(B), np.int32(H), np.zeros((B, 2 * H)),
+                               store, None, None, None)
     with pytest.raises(TypeError, match="int32"):
         EmulatedLauncher().kernel("ts_gather_pairs", np.float64, 4,
                                   (store, idx, idx, store, 1, np.int32(1), np.int32(2)))

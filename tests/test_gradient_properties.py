@@ -2,8 +2,10 @@
 
 Each example draws a model (cell, num_layers, pattern, input and hidden
 sizes), a right-padded batch (batch size, padded length, each sequence's
-``lengths``, or none), the requested outputs, a dtype and one of the numba
-backend's two GEMM paths, then checks
+``lengths``, or none), the requested outputs, a dtype, one of the numba
+backend's two GEMM paths and where its gated layers project (inside the
+gate kernel when the input is narrow, or always through the GEMM path),
+then checks
 
 * every gradient (and the logits) of the numba backend against the numpy
   reference: 1e-10 relative in float64, 1e-4 in float32 (relative to the
@@ -75,11 +77,15 @@ def poisoned_allocations():
     _backends.clear()
 
 
-def numba_backend(gemm: str) -> NumbaBackend:
-    """One instance per GEMM path for the whole module (workspaces reused)."""
-    if gemm not in _backends:
-        _backends[gemm] = NumbaBackend(gemm=gemm)
-    return _backends[gemm]
+def numba_backend(gemm: str, projection: str) -> NumbaBackend:
+    """One instance per GEMM path and projection for the whole module
+    (workspaces reused)."""
+    if (gemm, projection) not in _backends:
+        backend = NumbaBackend(gemm=gemm)
+        if projection == "gemm":
+            backend.fused_projection_max_inputs = 0
+        _backends[gemm, projection] = backend
+    return _backends[gemm, projection]
 
 
 @st.composite
@@ -101,11 +107,13 @@ def problems(draw):
     return dict(
         cell=cell, pattern=pattern, num_layers=draw(st.integers(1, 3)),
         batch=batch, length=length, lengths=lengths, outputs=outputs,
-        # above 16 features the lstm leaf runs through BLAS instead of its fused kernel
+        # above 16 input columns a gated layer runs through BLAS instead of
+        # projecting inside its kernel (the leaf: features; the merge: 2H)
         input_size=draw(st.sampled_from((1, 2, 3, 5, 17, 20))),
         hidden=draw(st.integers(1, 9)),
         dtype=draw(st.sampled_from(("float64", "float32"))),
         gemm=draw(st.sampled_from(GEMM_PATHS)),
+        projection=draw(st.sampled_from(("fused", "gemm"))),
         seed=draw(st.integers(0, 2**32 - 1)))
 
 
@@ -139,7 +147,8 @@ def describe(problem):
 def test_numba_gradients_match_numpy(problem):
     dtype, lengths, outputs = problem["dtype"], problem["lengths"], problem["outputs"]
     reference, x, dy = build(problem, dtype)
-    candidate, _, _ = build(problem, dtype, numba_backend(problem["gemm"]))
+    candidate, _, _ = build(problem, dtype,
+                            numba_backend(problem["gemm"], problem["projection"]))
     want_y, want = reference.forward_backward(x, dy, lengths, outputs)
     got_y, got = candidate.forward_backward(x, dy, lengths, outputs)
     tol = TOLERANCE[dtype]

@@ -23,8 +23,10 @@ from click.testing import CliRunner
 
 import treesched
 from treesched.errors import TreeschedError
-from treesched.haiku_import import (build_model, decode_msgpack, from_haiku_msgpack,
-                                    load_haiku_msgpack, read_haiku_msgpack)
+from treesched.haiku_import import decode_msgpack, load_haiku_msgpack, read_haiku_msgpack
+
+from_haiku_msgpack = treesched.PRLSTM.from_haiku_msgpack
+build_model = treesched.PRLSTM.from_haiku
 
 ROOT = Path(__file__).resolve().parents[1]
 D, H, O = 5, 16, 3
@@ -331,9 +333,9 @@ def test_reader_needs_no_jax(tmp_path, haiku_env):
         import sys
         for name in ("jax", "jaxlib", "haiku", "flax", "torch"):
             sys.modules[name] = None  # any import of these now fails
-        from treesched.haiku_import import from_haiku_msgpack
+        from treesched import PRLSTM
         import numpy as np
-        model = from_haiku_msgpack({str(path)!r})
+        model = PRLSTM.from_haiku_msgpack({str(path)!r})
         y = model.forward(np.ones((1, 4, {D}), np.float32))
         assert y.shape == (1, 4, {O})
         assert not any(sys.modules.get(n) for n in ("jax", "haiku", "flax"))

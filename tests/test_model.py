@@ -61,49 +61,14 @@ def test_finite_differences_whole_model(pattern, cell, num_layers):
 
 
 # ------------------------------------------------------------ JAX parity
-def jax_reference(cell, num_layers):
-    """The paper's formulation: leaf encoder, ``jax.lax.associative_scan``
-    over the merge cell, read-out head; written independently of treesched."""
+def jax_reference():
+    """The paper's formulation (``treesched.jax_reference``): leaf encoder,
+    ``jax.lax.associative_scan`` over the merge cell, read-out head; written
+    independently of treesched's ops and backends."""
     jax = pytest.importorskip("jax")
     jax.config.update("jax_enable_x64", True)
-    jnp = jax.numpy
-    sigmoid = jax.nn.sigmoid
-
-    def gated(a, blocks):
-        return jnp.split(a, blocks, axis=-1)
-
-    def model(params, x):
-        if cell == "lstm":
-            i, g, o = gated(x @ params["leaf/w"] + params["leaf/b"], 3)
-            c = sigmoid(i) * jnp.tanh(g)
-            leaves = (sigmoid(o) * jnp.tanh(c), c)
-
-            def merge(left, right):
-                a = jnp.concatenate([left[0], right[0]], -1) @ params["merge/w"] + params["merge/b"]
-                i, g, o, fl, fr = gated(a, 5)
-                c = sigmoid(i) * jnp.tanh(g) + sigmoid(fl) * left[1] + sigmoid(fr) * right[1]
-                h = sigmoid(o) * jnp.tanh(c)
-                for k in range(1, num_layers):
-                    i, g, o, f = gated(h @ params[f"unary_{k}/w"] + params[f"unary_{k}/b"], 4)
-                    c = sigmoid(i) * jnp.tanh(g) + sigmoid(f) * c
-                    h = sigmoid(o) * jnp.tanh(c)
-                return (h, c)
-
-            h = jax.lax.associative_scan(merge, leaves, axis=1)[0]
-        else:
-            leaves = x @ params["leaf/w"] + params["leaf/b"]
-
-            def merge(left, right):
-                h = jax.nn.relu(jnp.concatenate([left, right], -1) @ params["merge/w"]
-                                + params["merge/b"])
-                for k in range(1, num_layers):
-                    h = jax.nn.relu(h @ params[f"unary_{k}/w"] + params[f"unary_{k}/b"])
-                return h
-
-            h = jax.lax.associative_scan(merge, leaves, axis=1)
-        return jax.nn.relu(h) @ params["head/w"] + params["head/b"]
-
-    return jax, model
+    from treesched import jax_reference as reference
+    return jax, reference
 
 
 def relative(a, b):
@@ -113,13 +78,9 @@ def relative(a, b):
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 def test_matches_paper_formulation_in_jax(cell, num_layers):
-    jax, reference = jax_reference(cell, num_layers)
+    jax, reference = jax_reference()
     rng = np.random.default_rng(3)
-
-    @jax.jit
-    def outputs_and_grads(params, x, dy):
-        expected, vjp = jax.vjp(lambda p: reference(p, x), params)
-        return expected, vjp(dy)[0]
+    outputs_and_grads = reference.jitted(reference.logits_and_vjp, cell, num_layers)
 
     shapes = [(2, 4, 1), (3, 5, 2), (2, 3, 7), (1, 4, 16)]
     if (cell, num_layers) == ("lstm", 2):  # the paper's model: a long odd length too
@@ -136,6 +97,31 @@ def test_matches_paper_formulation_in_jax(cell, num_layers):
         assert relative(model.forward(x), expected) < 1e-9
         for name in model.params:
             assert relative(grads[name], expected_grads[name]) < 1e-9, name
+
+
+@pytest.mark.parametrize("cell,num_layers", [("lstm", 2), ("rnn", 3)])
+def test_jax_reference_loss_and_padding_match(cell, num_layers):
+    """The reference's loss, mask and lengths conventions are PRLSTM's."""
+    _, reference = jax_reference()
+    rng = np.random.default_rng(6)
+    model = random_model(cell=cell, num_layers=num_layers, hidden=5)
+    params = model.params.numpy()
+    x = rng.standard_normal((3, 9, 3))
+    lengths = np.array([9, 6, 4])
+    targets = np.eye(2)[rng.integers(0, 2, (3, 3))]
+    mask = (rng.random((3, 3)) > 0.3).astype(float)
+    np.testing.assert_allclose(reference.logits(params, x, cell, num_layers, lengths=lengths),
+                               model.forward(x, lengths=lengths), rtol=1e-12, atol=1e-14)
+    for got, want in zip(reference.encode(params, x, cell, lengths=lengths),
+                         model.encode(x, lengths=lengths), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    value_and_grad = reference.jitted(reference.loss_value_and_grad, cell, num_layers)
+    for row_mask, row_lengths in [(None, None), (mask, None), (mask, lengths)]:
+        loss, grads = value_and_grad(params, x, targets, row_mask, lengths=row_lengths)
+        want_loss, want_grads, _ = model.loss_and_grads(x, targets, row_mask, lengths=row_lengths)
+        assert float(loss) == pytest.approx(want_loss, rel=1e-12)
+        for name in want_grads:
+            assert relative(grads[name], want_grads[name]) < 1e-9, name
 
 
 # ------------------------------------------------------------ semantics

@@ -13,9 +13,17 @@ the model level.  A bias gradient once summed rows against a half-initialised
 is the allocator's luck: in this module every buffer the numba backend
 allocates starts as a poison pattern (``numba_backend.empty_buffer``
 patched), so a read before a write fails every time.
+
+Gated layers with a narrow input (at most ``fused_projection_max_inputs``
+columns: the leaf's features, and at this test's hidden size the merge and
+unary layers too) compute their projection inside the gate kernel; the
+sweeps also run every gated layer through the GEMM path
+(``fused_projection_max_inputs = 0``).
+
 Machinery: workspace reuse (a second call allocates nothing), bitwise
 reproducibility, the on-disk kernel cache (a second process compiles
-nothing), a clean reason when numba is missing, the generic fallback.
+nothing), a clean reason when numba is missing, and cells the backend has
+never heard of (described by their layers) running on the same kernels.
 
 Small shapes; the cost is the first JIT compile of the kernels (about a
 minute on 2 busy cores when Numba's on-disk cache is cold, seconds after).
@@ -27,6 +35,7 @@ import sys
 
 import numpy as np
 import pytest
+from backend_checks import GateFreeMergeCell, registered
 
 import treesched
 from treesched.backends import availability, get_backend
@@ -36,7 +45,7 @@ from treesched.ops import LSTMCell, get_cell
 pytest.importorskip("numba")
 
 from treesched.backends import numba_backend, numba_kernels  # noqa: E402
-from treesched.backends.numba_backend import BlasThreads, FusedTape, NumbaBackend  # noqa: E402
+from treesched.backends.numba_backend import BlasThreads, NumbaBackend  # noqa: E402
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 PATTERNS = ("odd-even", "sequential", "sklansky", "kogge-stone", "reduce")
@@ -50,6 +59,9 @@ GEMM = [pytest.param("numba", marks=pytest.mark.skipif(
             not NUMBA_GEMM_AVAILABLE, reason="the Numba-threaded GEMMs need scipy and "
                                              "threadpoolctl")),
         "numpy"]
+# where a gated layer's projection runs: inside its kernel when the input is
+# narrow (the default), or always through the GEMM path
+PROJECTIONS = ("fused", "gemm")
 
 
 POISONS = {
@@ -90,16 +102,26 @@ def ref():
     return get_backend("numpy")
 
 
+def numba_backend_for(gemm, projection="fused"):
+    """A fresh backend on one GEMM path; ``projection="gemm"`` sends every
+    gated layer through the GEMM path (no projection inside the kernel)."""
+    backend = NumbaBackend(gemm=gemm)
+    if projection == "gemm":
+        backend.fused_projection_max_inputs = 0
+    return backend
+
+
 @pytest.fixture(scope="module")
 def by_gemm():
-    """One backend per GEMM path, shared by the tests of a module run (as the
-    default instance is): their workspaces see many shapes one after another."""
+    """One backend per GEMM path (and projection), shared by the tests of a
+    module run (as the default instance is): their workspaces see many shapes
+    one after another."""
     cache = {}
 
-    def get(path):
-        if path not in cache:
-            cache[path] = NumbaBackend(gemm=path)
-        return cache[path]
+    def get(path, projection="fused"):
+        if (path, projection) not in cache:
+            cache[path, projection] = numba_backend_for(path, projection)
+        return cache[path, projection]
 
     return get
 
@@ -111,10 +133,10 @@ def close(actual, expected, tol, what=""):
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale, err_msg=what)
 
 
-def make_params(cell, dtype, seed=0, d=D):
+def make_params(cell, dtype, seed=0, d=D, h=H):
     g = np.random.default_rng(seed)
     return {k: (0.6 * g.standard_normal(s)).astype(dtype)
-            for k, s in cell.param_shapes(d, H).items()}
+            for k, s in cell.param_shapes(d, h).items()}
 
 
 def run_both(nb, ref, cell, params, x, schedule, need_dx=True, both_dstates=True, seed=1):
@@ -162,10 +184,12 @@ def sweep(backend, ref, dtype, cell_name, num_layers, shapes=SHAPES, patterns=PA
 # ------------------------------------------------------------------- parity
 @pytest.mark.parametrize("gemm", GEMM)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("cell_name", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell_name,projection", [("lstm", "fused"), ("lstm", "gemm"),
+                                                  ("rnn", "gemm")])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
-def test_parity_every_pattern_and_odd_shape(by_gemm, ref, gemm, dtype, cell_name, num_layers):
-    sweep(by_gemm(gemm), ref, dtype, cell_name, num_layers)
+def test_parity_every_pattern_and_odd_shape(by_gemm, ref, gemm, dtype, cell_name, projection,
+                                            num_layers):
+    sweep(by_gemm(gemm, projection), ref, dtype, cell_name, num_layers)
 
 
 def test_parity_default_instance(nb, ref):
@@ -191,12 +215,13 @@ def test_parity_pruned_outputs_and_wide_inputs(by_gemm, ref, gemm, dtype):
 
 
 @pytest.mark.parametrize("poison", ["nan", "garbage"])
+@pytest.mark.parametrize("projection", PROJECTIONS)
 @pytest.mark.parametrize("gemm", GEMM)
-def test_poisoned_buffers(monkeypatch, ref, gemm, poison):
+def test_poisoned_buffers(monkeypatch, ref, gemm, projection, poison):
     """Fresh workspaces (scratch, results, gradients) under each poison alone:
     results must not change."""
     monkeypatch.setattr(numba_backend, "empty_buffer", poisoner(POISONS[poison]))
-    backend = NumbaBackend(gemm=gemm)  # fresh workspaces, all poisoned
+    backend = numba_backend_for(gemm, projection)  # fresh workspaces, all poisoned
     shapes = ((1, 1), (3, 2), (3, 7), (1, 13), (3, 13), (13, 41))
     for dtype in (np.float32, np.float64):
         for cell_name in ("lstm", "rnn"):
@@ -213,7 +238,8 @@ def test_poisoned_buffers(monkeypatch, ref, gemm, poison):
 
 def test_gemm_path_selection(monkeypatch):
     """``gemm``: "auto" = Numba-threaded in float32 where possible, NumPy's in
-    float64; "numba" / "numpy" force one path in every dtype."""
+    float64; "numba" / "numpy" force one path in every dtype.  (Hidden size
+    above the fused-projection limit: the merge and unary layers run GEMMs.)"""
     calls = []
     for name in ("gemm_nn", "gemm_nt", "gemm_tn_acc"):
         kernel = getattr(numba_kernels, name)
@@ -221,9 +247,11 @@ def test_gemm_path_selection(monkeypatch):
                             lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
     cell = get_cell("lstm", 2)
 
+    wide = numba_backend.FUSED_PROJECTION_MAX_INPUTS + 1
+
     def used(backend, dtype):
         calls.clear()
-        params = make_params(cell, dtype)
+        params = make_params(cell, dtype, h=wide)
         x = np.ones((3, 5, D), dtype)
         states, tape = backend.encode(cell, params, x, treesched.compile(5), True)
         backend.encode_backward(cell, params, tape, (np.ones_like(states[0]), None))
@@ -321,15 +349,15 @@ def test_workspace_reuse_allocates_nothing(nb):
     first = step()
     nb.encode(cell, params, x, schedule, False)
     before = cache.stats()
-    arrays = {name: id(a) for name, a in first.arrays.items()}
+    arrays = {name: id(a) for name, a in first.buffers.items()}
     second = step()
     nb.encode(cell, params, x, schedule, False)
     after = cache.stats()
     assert second is first
     assert after["allocations"] == before["allocations"]
     assert after["hits"] == before["hits"] + 2
-    assert after["bytes"] == before["bytes"]
-    assert {name: id(a) for name, a in second.arrays.items()} == arrays
+    assert after["workspace_bytes"] == before["workspace_bytes"]
+    assert {name: id(a) for name, a in second.buffers.items()} == arrays
 
 
 def test_results_are_fresh_and_tapes_never_share(nb):
@@ -378,6 +406,34 @@ def test_bitwise_deterministic(by_gemm, gemm):
         assert np.array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("gemm", GEMM)
+def test_results_do_not_depend_on_the_thread_count(by_gemm, gemm):
+    """Bitwise the same with one Numba thread as with all of them: the rows of
+    the kernels and of the GEMMs are split among however many there are.
+    GEMMs are cut in blocks of at least ``GEMM_MIN_BLOCK_WORK`` multiply-adds
+    (below, BLAS switches kernels and a row's bits with them): hidden 20
+    stays below (one block), hidden 48 spans several."""
+    import numba
+    threads = numba.get_num_threads()
+    for hidden, batch, length in ((20, 7, 45), (48, 9, 40)):
+        model = treesched.PRLSTM(D, hidden, 3, pattern="kogge-stone", backend="numpy", seed=4)
+        model.backend = by_gemm(gemm)
+        g = np.random.default_rng(6)
+        x = g.standard_normal((batch, length, D)).astype(np.float32)
+        targets = np.eye(3, dtype=np.float32)[g.integers(0, 3, (batch, length))]
+        runs = []
+        try:
+            for count in (threads, 1):
+                numba.set_num_threads(count)
+                runs.append((model.forward(x), model.loss_and_grads(x, targets)))
+        finally:
+            numba.set_num_threads(threads)
+        (y0, (loss0, grads0, _)), (y1, (loss1, grads1, _)) = runs
+        assert np.array_equal(y0, y1) and loss0 == loss1, hidden
+        for name in grads0:
+            assert np.array_equal(grads0[name], grads1[name]), (hidden, name)
+
+
 def test_kernels_use_the_on_disk_cache(nb):
     """Every kernel is cache=True, and a second process loads them instead of compiling."""
     for kernel in numba_kernels.KERNELS:
@@ -391,12 +447,12 @@ def test_kernels_use_the_on_disk_cache(nb):
     model.forward(x)
     code = (
         "import json, numpy as np, treesched\n"
-        "from treesched.backends import numba_kernels as K\n"
+        "from treesched.backends import numba_kernels as kernels\n"
         f"m = treesched.PRLSTM({D}, {H}, 3, backend='numba')\n"
         f"x = np.ones((2, 5, {D}), np.float32)\n"
         "m.loss_and_grads(x, np.ones((2, 5, 3), np.float32) / 3); m.forward(x)\n"
         "print(json.dumps({k.__name__: [sum(k.stats.cache_hits.values()),"
-        " sum(k.stats.cache_misses.values())] for k in K.KERNELS}))\n")
+        " sum(k.stats.cache_misses.values())] for k in kernels.KERNELS}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -431,18 +487,63 @@ def test_missing_numba_gives_a_clean_reason():
     assert availability()["numba"] is None  # here it is installed
 
 
-def test_other_cells_fall_back_to_the_generic_path(nb, ref):
-    class MyLSTM(LSTMCell):  # not the stock class: no fused kernels for it
-        name = "my-lstm"
+class RenamedLSTM(LSTMCell):
+    """The stock LSTM under another class and name: no backend knows it."""
 
-    cell = MyLSTM(2)
+    name = "toy-renamed-lstm"
+
+
+def count_kernel_calls(monkeypatch):
+    """Counts of the numba kernels called from now on, by name."""
+    calls = {}
+    for kernel in numba_kernels.KERNELS:
+        name = kernel.__name__
+        monkeypatch.setattr(numba_kernels, name,
+                            lambda *a, _k=kernel, _n=name: (calls.__setitem__(
+                                _n, calls.get(_n, 0) + 1), _k(*a))[1])
+    return calls
+
+
+def test_other_cells_run_on_the_same_kernels(monkeypatch, nb, ref):
+    """A cell the backend has never heard of runs on its kernels (no fallback)."""
+    cell = RenamedLSTM(2)
     params = make_params(cell, np.float64)
     x = np.random.default_rng(0).standard_normal((B, 6, D))
     schedule = treesched.compile(6)
-    states, tape = nb.encode(cell, params, x, schedule, True)
-    assert not isinstance(tape, FusedTape)
+    calls = count_kernel_calls(monkeypatch)
     results = run_both(nb, ref, cell, params, x, schedule)
-    check(results, 1e-12, "fallback")
+    check(results, 1e-12, "renamed lstm")
+    for name in ("gated_forward", "gated_backward", "gated_cells", "accumulate_operands"):
+        assert calls.get(name), (name, calls)
+
+
+@pytest.mark.parametrize("gemm", GEMM)
+@pytest.mark.parametrize("projection", PROJECTIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_registered_toy_gated_cell(by_gemm, ref, gemm, projection, dtype):
+    """A registered toy gated cell (merge gating no cell, renamed layers): the
+    executor runs it on this backend's primitives, which match numpy on
+    every pattern, odd shapes and 1-3 layers; also through PRLSTM."""
+    backend = by_gemm(gemm, projection)
+    name = GateFreeMergeCell.name
+    with registered(GateFreeMergeCell):
+        for num_layers in (1, 2, 3):
+            sweep(backend, ref, dtype, name, num_layers,
+                  shapes=((1, 1), (3, 2), (3, 7), (1, 13), (13, 41)))
+        tol = TOL[dtype]
+        models = [treesched.PRLSTM(D, H, 3, num_layers=3, cell=name, backend="numpy",
+                                   dtype=np.dtype(dtype).name, seed=3)
+                  for _ in range(2)]
+        models[1].backend = backend
+        g = np.random.default_rng(5)
+        x = g.standard_normal((3, 9, D)).astype(dtype)
+        dy = g.standard_normal((3, 9, 3)).astype(dtype)
+        (y_ref, g_ref), (y_nb, g_nb) = (m.forward_backward(x, dy, lengths=np.array([9, 4, 1]))
+                                        for m in models)
+        close(y_nb, y_ref, tol, "toy logits")
+        assert set(g_nb) == set(g_ref)
+        for grad_name in g_ref:
+            close(g_nb[grad_name], g_ref[grad_name], tol, f"toy grad {grad_name}")
 
 
 def test_bad_dstates_are_rejected(nb):
@@ -450,5 +551,5 @@ def test_bad_dstates_are_rejected(nb):
     params = make_params(cell, np.float32)
     x = np.ones((B, 4, D), np.float32)
     states, tape = nb.encode(cell, params, x, treesched.compile(4), True)
-    with pytest.raises(TreeschedError, match="dstates"):
+    with pytest.raises(TreeschedError, match="dstate"):
         nb.encode_backward(cell, params, tape, (np.ones((1, 2, 3), np.float32), None))

@@ -8,7 +8,7 @@ import pytest
 
 import treesched
 from treesched import TreeschedError
-from treesched.lowering import inference_slots, last_use_level
+from treesched.lowering import activation_memory, inference_slots, last_use_level
 
 PATTERNS = list(treesched.PATTERN_NAMES)
 STABLE = ["odd-even", "sequential", "sklansky", "kogge-stone"]
@@ -201,18 +201,18 @@ def test_bad_pattern_and_outputs():
 # --------------------------------------------------------------- statistics
 def test_stats_and_memory():
     s = treesched.compile(512)
-    info = s.stats(batch=4, hidden=8)
+    info = s.stats()
     assert info["merges"] == 1013 and info["depth"] == 16
     assert info["widest_level"] == max(info["level_widths"]) == 256
     assert sum(info["level_widths"]) == 1013
-    small, large = s.memory(4, 8), s.memory(8, 8)
+    small, large = activation_memory(s, 4, 8), activation_memory(s, 8, 8)
     assert large["forward_backward_bytes"] == 2 * small["forward_backward_bytes"]
     assert small["forward_bytes"] < small["forward_backward_bytes"]
-    assert s.memory(4, 8, "float64")["forward_bytes"] == 2 * small["forward_bytes"]
+    assert activation_memory(s, 4, 8, "float64")["forward_bytes"] == 2 * small["forward_bytes"]
     with pytest.raises(TreeschedError):
-        s.memory(0, 8)
+        activation_memory(s, 0, 8)
     with pytest.raises(TreeschedError):
-        s.memory(4, 8, "int8")
+        activation_memory(s, 4, 8, "int8")
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

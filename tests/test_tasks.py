@@ -6,6 +6,7 @@ shapes / one-hot / dtype / reproducibility / mask properties, the input
 tape, the accuracy and loss helpers, and the error paths.
 """
 
+import functools
 import math
 import time
 
@@ -48,6 +49,16 @@ MASKED = {"stack_manipulation", "binary_addition", "binary_multiplication"}
 def labels(name, rows):
     """Target ids for hand-written input rows (all of one length)."""
     return tasks.get(name).labels(np.array(rows, dtype=np.int64)).tolist()
+
+
+# The input alphabets of the expression tasks, character i being id i.
+BRACKETS_ALPHABET = "01234+-*()"  # modular_arithmetic_brackets
+EQUATION_ALPHABET = "01234+-()x="  # solve_equation
+
+
+def text_labels(name, alphabet, text):
+    """Target ids for one input written as text over ``alphabet``."""
+    return labels(name, [[alphabet.index(c) for c in text]])
 
 
 def decode(onehot):
@@ -252,11 +263,10 @@ def bracket_text(ids, alphabet):
 
 
 def test_reference_modular_arithmetic_brackets():
-    alphabet = "01234+-*()"
     for n in REF_LENGTHS:
         for s, (y,), _ in zip(*sampled("modular_arithmetic_brackets", n)):
             assert len(s) == n and max(s) <= 9
-            text = bracket_text(s, alphabet)
+            text = bracket_text(s, BRACKETS_ALPHABET)
             assert y == eval(text) % 5
             if n >= 5:
                 assert text[0] == "(" and text[-1] == ")"
@@ -266,13 +276,12 @@ def test_reference_modular_arithmetic_brackets():
 
 
 def test_reference_solve_equation():
-    alphabet = "01234+-()x="
     for n in REF_LENGTHS:
         for s, (y,), _ in zip(*sampled("solve_equation", n)):
             if n < 3:
                 assert s == [0] * n and y == 0
                 continue
-            text = bracket_text(s, alphabet)
+            text = bracket_text(s, EQUATION_ALPHABET)
             assert text[-2] == "=" and text.count("x") == 1
             assert "*" not in text and text[-1] in "01234"
             lhs, rhs = text[:-2], int(text[-1])
@@ -387,11 +396,8 @@ def test_hand_missing_duplicate_string():
 
 def test_hand_modular_arithmetic_brackets():
     # Ids: digits, + 5, - 6, * 7, ( 8, ) 9.
-    enc = {c: i for i, c in enumerate("01234+-*()")}
-
-    def lab(text):
-        return labels("modular_arithmetic_brackets", [[enc[c] for c in text]])
-
+    lab = functools.partial(text_labels, "modular_arithmetic_brackets",
+                            BRACKETS_ALPHABET)
     assert lab("((1+2)*(-3))") == [[1]]
     assert lab("(3-(-4))") == [[2]]
     assert lab("((-2)+3)") == [[1]]
@@ -404,11 +410,7 @@ def test_hand_modular_arithmetic_brackets():
 
 def test_hand_solve_equation():
     # Ids: digits, + 5, - 6, ( 7, ) 8, x 9, = 10.
-    enc = {c: i for i, c in enumerate("01234+-()x=")}
-
-    def lab(text):
-        return labels("solve_equation", [[enc[c] for c in text]])
-
+    lab = functools.partial(text_labels, "solve_equation", EQUATION_ALPHABET)
     assert lab("((x)-(-1))=0") == [[4]]
     assert lab("(x+3)=1") == [[3]]
     assert lab("-x=2") == [[3]]

@@ -20,4 +20,5 @@ __version__ = "0.1.0"
 
 PATTERN_NAMES = tuple(PATTERNS)
 
-__all__ = ["compile", "PRLSTM", "Schedule", "Level", "TreeschedError", "PATTERN_NAMES", "__version__"]
+__all__ = ["compile", "PRLSTM", "Schedule", "Level", "TreeschedError", "PATTERN_NAMES", "tasks",
+           "__version__"]

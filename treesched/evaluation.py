@@ -25,6 +25,7 @@ from .errors import TreeschedError
 from .fileio import write_text
 from .model import PRLSTM
 from .progress import Progress
+from .validation import positive_int
 
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "accuracy_vs_length.png"
@@ -37,8 +38,7 @@ def parse_lengths(text: str, stride: int = 1) -> list[int]:
     """``"41-500"`` (also ``41..500``), ``"100"``, ``"41-100,200,300-310"`` →
     sorted distinct lengths; ranges are inclusive and stepped by ``stride``
     from their start."""
-    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise TreeschedError(f"--stride must be a positive integer, got {stride!r}")
+    positive_int("--stride", stride)
     if not isinstance(text, str) or not text.strip():
         raise TreeschedError("--lengths is empty; expected e.g. 41-500 or 41,60,100")
     lengths = set()
@@ -80,8 +80,7 @@ def evaluate(model: PRLSTM, task, lengths, samples: int = 512, eval_batch: int =
     if isinstance(task, str):
         task = tasks_lib.get(task)
     for name, value in (("samples", samples), ("eval_batch", eval_batch)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise TreeschedError(f"{name} must be a positive integer, got {value!r}")
+        positive_int(name, value)
     if model.input_size != task.input_size + 1 or model.output_size != task.output_size:
         raise TreeschedError(
             f"the model (input {model.input_size}, output {model.output_size}) does not fit "

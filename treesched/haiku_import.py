@@ -80,6 +80,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TreeschedError
+from .ops import get_cell
 
 # flax.serialization._MsgpackExtType
 EXT_NDARRAY = 1
@@ -98,7 +99,8 @@ _CELL_RE = re.compile(r"^(?P<core>(?:.*?/)?)(?P<scope>" + _SCOPE + r")"
 # SCM/LSCM prototypes whose cells are bare hk.Linear modules in get_cell/get_op.
 _GRU_RE = re.compile(r"(?:^|/)" + _SCOPE + r"gru(?:_\d+)?$")
 _PROTOTYPE_CELL_RE = re.compile(r"(?:^|/)~(?:get_cell|get_op)/linear(?:_\d+)?$")
-_GATES = {"lstm": (3, 5, 4), "rnn": (1, 1, 1)}  # leaf, merge, unary widths in units of H
+# leaf, merge and unary weight widths in units of H, as the cells describe them
+_GATES = {name: tuple(layer.blocks for layer in get_cell(name, 2).layers) for name in ("lstm", "rnn")}
 
 
 @dataclass
@@ -466,43 +468,5 @@ def load_haiku_msgpack(path) -> HaikuImport:
     return map_haiku_params(read_haiku_msgpack(path), f"checkpoint {path}")
 
 
-def from_haiku_msgpack(path, *, pattern: str = "odd-even", backend: str = "numpy",
-                       dtype: str | None = None, model_class=None):
-    """A :class:`treesched.PRLSTM` holding the parameters of a paper checkpoint.
-
-    Args:
-      path: a ``.msgpack`` written by ``flax.serialization.to_bytes(params)``
-        where ``params = hk.transform(model).init(...)`` of the paper's model.
-      pattern: the schedule to run it on; ``"odd-even"`` (default) is the
-        ``jax.lax.associative_scan`` recursion the paper's code uses, the only
-        one that reproduces its outputs.
-      backend: ``"numpy"``, ``"numba"`` or ``"cupy"``.
-      dtype: ``"float32"`` or ``"float64"``; default: float64 if every tensor in
-        the file is float64, else float32 (float16/bfloat16 are widened).
-      model_class: the class to build (``PRLSTM`` or a subclass).
-
-    Sizes, cell and ``num_layers`` come from the file. Raises
-    :class:`TreeschedError` for anything that is not the paper's model.
-    """
-    return build_model(load_haiku_msgpack(path), pattern=pattern, backend=backend, dtype=dtype,
-                       model_class=model_class, source=f"checkpoint {path}")
-
-
-def build_model(found: HaikuImport, *, pattern: str = "odd-even", backend: str = "numpy",
-                dtype: str | None = None, model_class=None, source: str = "checkpoint"):
-    """A model from an already mapped checkpoint (see :func:`from_haiku_msgpack`)."""
-    if model_class is None:
-        from .model import PRLSTM as model_class
-    config = found.config
-    model = model_class(config["input_size"], config["hidden_size"], config["output_size"],
-                        num_layers=config["num_layers"], cell=config["cell"], pattern=pattern,
-                        backend=backend, dtype=dtype or config["dtype"])
-    try:
-        model.params = found.params
-    except TreeschedError as error:
-        raise TreeschedError(f"{source}: {error}") from None
-    return model
-
-
 __all__ = ["HaikuImport", "decode_msgpack", "read_haiku_msgpack", "map_haiku_params",
-           "load_haiku_msgpack", "from_haiku_msgpack", "build_model"]
+           "load_haiku_msgpack"]

@@ -70,8 +70,9 @@ def _not_an_array(what, value, error=None):
         f"{type(value).__name__}){detail}")
 
 
-def _to_host(value, what):
-    """Any array → NumPy (zero-copy for CPU DLPack producers)."""
+def to_host(value, what="array"):
+    """Any array → NumPy: the one host copy of treesched (zero-copy for NumPy
+    arrays and CPU DLPack producers; CuPy and CUDA tensors are copied once)."""
     if isinstance(value, np.ndarray):
         return value
     library = _module_name(value)
@@ -116,7 +117,7 @@ def to_backend_array(value, backend, what="array"):
     if isinstance(value, xp.ndarray):
         return value
     if xp is np:
-        return _to_host(value, what)
+        return to_host(value, what)
     # A CUDA backend (cupy): zero-copy DLPack for device memory, else one upload.
     value = _constant(value)
     device = dlpack_device(value)
@@ -125,7 +126,7 @@ def to_backend_array(value, backend, what="array"):
             return xp.from_dlpack(value)
         except (BufferError, RuntimeError, TypeError, ValueError):
             pass  # e.g. a dtype CuPy lacks: fall through to a converted copy
-    value = _to_host(value, what)
+    value = to_host(value, what)
     try:
         return xp.asarray(value)
     except (TypeError, ValueError) as error:
@@ -154,7 +155,7 @@ def _convert(array, target, like):
     source = _module_name(array)
     like_is_array = not isinstance(like, str) and type(like).__name__ != "module"
     if target == "numpy":
-        return _to_host(array, "array")
+        return to_host(array, "array")
     if target == "cupy":
         import cupy
         if source == "cupy":
@@ -162,14 +163,14 @@ def _convert(array, target, like):
         device = dlpack_device(array)
         if device is not None and device[0] in _CUDA_READABLE:
             return cupy.from_dlpack(array)
-        return cupy.asarray(_to_host(array, "array"))
+        return cupy.asarray(to_host(array, "array"))
     if target == "torch":
         import torch
         if source != "torch":
             try:
                 array = torch.from_dlpack(array)
             except (BufferError, RuntimeError, TypeError, ValueError):
-                array = torch.as_tensor(_to_host(array, "array"))
+                array = torch.as_tensor(to_host(array, "array"))
         if like_is_array and array.device != like.device:
             array = array.to(like.device)
         return array
@@ -184,7 +185,7 @@ def _convert(array, target, like):
         except (BufferError, RuntimeError, TypeError, ValueError):
             if device is not None and device[0] not in _HOST_READABLE:
                 raise
-            array = jnp.asarray(_to_host(array, "array"))
+            array = jnp.asarray(to_host(array, "array"))
     if like_is_array:
         devices = getattr(like, "devices", None)
         target_devices = devices() if callable(devices) else None
@@ -269,7 +270,7 @@ def last_state(model, x, lengths=None, like="input"):
         # One run over the padded batch: with a prefix-stable pattern the state
         # at position n-1 is the state of the length-n prefix (SPEC §2).
         lengths = np.asarray(lengths.get() if _module_name(lengths) == "cupy" else
-                             _to_host(lengths, "lengths"))
+                             to_host(lengths, "lengths"))
         states = model.encode(x, lengths=lengths, outputs="all")
         xp = getattr(model, "xp", np)
         rows = xp.arange(states[0].shape[0])
@@ -279,5 +280,5 @@ def last_state(model, x, lengths=None, like="input"):
     return returned_as(tuple(state[:, -1] for state in states), like, x)
 
 
-__all__ = ["to_backend_array", "to_library", "returned_as", "dlpack_device", "forward", "encode",
+__all__ = ["to_host", "to_backend_array", "to_library", "returned_as", "dlpack_device", "forward", "encode",
            "last_state", "LIBRARIES"]

@@ -1,39 +1,48 @@
-"""Lowering: from a schedule to buffers a backend allocates.
+"""Lowering: from a schedule to the one plan every backend runs.
 
-Two storage plans:
+``lower(schedule, mode)`` gives an immutable, cached :class:`Plan` per
+(schedule, mode).  It holds every table derived from the schedule that a
+pass indexes with, so no backend derives one of its own:
 
-* **training** keeps every node's state in a node-major buffer
-  ``(num_nodes, batch, hidden)`` per state array, because backward reads the
-  operands of every merge again;
-* **inference** gives each node a *slot* and reuses a slot once every merge
-  reading that node has run, so only the live frontier is stored.  The state
-  of an answering node is copied to the output buffer in the level that
-  produces it, so outputs never pin a slot.
+* **training** (``mode="training"``) keeps every node's state in a
+  node-major store ``(num_nodes, batch, hidden)`` per state array, because
+  backward reads the operands of every merge again.  Locations are node ids.
+  Per level it also holds the *consumer table* for the deterministic
+  accumulation of operand gradients: the level's distinct operand nodes
+  (``targets``), and for each, in a fixed order, the operand codes
+  ``2 * merge + side`` of the merges of that level reading it (a CSR), plus
+  whether it is the first gradient to reach the node (so node gradients are
+  assigned, then added to, and never need zero-filling).
+* **inference** (``mode="inference"``) gives each node a *slot* and reuses a
+  slot once every merge reading the node has run, so only the live frontier
+  is stored.  Locations are slots.  Each leaf and merge says which answer it
+  is (``-1``: none), so a backend writes answers as they are produced and
+  outputs never pin a slot.
 
-``activation_memory`` prices both plans with the same counts the reference
-executor uses, so ``treesched compile --batch B --hidden H`` tells what a run
-will allocate.
+``workspace_layout`` lists the buffers the executor allocates for a plan, a
+cell and the sizes; ``activation_memory`` prices them, so ``treesched compile
+--batch B --hidden H`` says what a run allocates.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import TreeschedError
+from .ops import get_cell
 from .schedule import Schedule
+from .validation import positive_int
 
-# Floats the reference executor caches per row for backward, in units of H
-# (see ops/lstm.py and ops/rnn.py for what each cache holds):
-#   state:  arrays per node state (h, c) or (h,)
-#   leaf:   leaf-encoder cache per position (lstm: tanh(c) + 3 gate activations)
-#   merge:  binary merge cache per merge
-#   unary:  cache per unary refinement layer per merge
-CELL_FLOATS = {
-    "lstm": {"state": 2, "leaf": 1 + 3, "merge": 2 + 5 + 2 + 1, "unary": 1 + 4 + 1 + 1},
-    "rnn": {"state": 1, "leaf": 0, "merge": 2 + 1, "unary": 1 + 1},
-}
+MODES = ("inference", "training")
+
+
+def _table(values, dtype=np.int64) -> np.ndarray:
+    array = np.ascontiguousarray(values, dtype=dtype)
+    array.setflags(write=False)
+    return array
 
 
 @dataclass(frozen=True)
@@ -86,52 +95,266 @@ def inference_slots(schedule: Schedule) -> SlotPlan:
     return SlotPlan(slot, num_slots)
 
 
+# ====================================================================== plans
+@dataclass(frozen=True, eq=False)
+class LevelPlan:
+    """One merge level: ``width`` independent merges, nodes ``first .. stop``.
+
+    ``left``, ``right`` and ``out`` are the operand and result *locations*
+    (node ids in training, slots in inference) of merge ``j``; ``answer[j]``
+    the answer it produces or -1.  Training plans also hold the consumer
+    table (``targets``, ``consumer_ptr``, ``consumers``, ``first_gradient``:
+    see the module docstring); inference plans leave it empty.
+    """
+
+    index: int
+    first: int
+    stop: int
+    merge_start: int      # first - length: the level's first merge, for per-merge caches
+    left: np.ndarray
+    right: np.ndarray
+    out: np.ndarray
+    answer: np.ndarray
+    targets: np.ndarray
+    consumer_ptr: np.ndarray
+    consumers: np.ndarray
+    first_gradient: np.ndarray
+
+    @property
+    def width(self) -> int:
+        return self.stop - self.first
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Everything a pass over ``schedule`` indexes with (batch independent).
+
+    Attributes:
+      mode: ``"training"`` or ``"inference"``.
+      num_locations: rows of a state store, in units of ``batch``: every node
+        (training) or the live slots (inference).
+      leaves: ``(T,)`` the location of leaf ``t``; ``leaf_answer`` its answer
+        index or -1.
+      answer_locations: ``(K,)`` where answer ``k`` is after a training pass
+        (the output nodes); inference writes answers as they are produced.
+      levels: the merge levels in execution order.
+      local: ``arange(widest)``, the locations of a level's rows in a
+        per-level buffer viewed as ``(width, batch, hidden)``.
+      unreached: training: nodes no gradient reaches (their gradient is zero).
+    """
+
+    schedule: Schedule
+    mode: str
+    num_locations: int
+    leaves: np.ndarray
+    leaf_answer: np.ndarray
+    answer_locations: np.ndarray
+    levels: tuple
+    local: np.ndarray
+    unreached: np.ndarray
+
+    @property
+    def length(self) -> int:
+        return self.schedule.length
+
+    @property
+    def num_answers(self) -> int:
+        return len(self.schedule.output_nodes)
+
+    @property
+    def num_merges(self) -> int:
+        return self.schedule.num_merges
+
+    @property
+    def widest(self) -> int:
+        return self.schedule.widest
+
+    def __repr__(self):
+        return f"Plan({self.mode}, {self.schedule!r})"
+
+
+_EMPTY = _table(())
+_EMPTY_FLAGS = _table((), bool)
+
+
+def _answer_of(schedule: Schedule) -> np.ndarray:
+    """Per node: the answer index it produces, or -1."""
+    answer = np.full(schedule.num_nodes, -1, np.int64)
+    answer[schedule.output_nodes] = np.arange(len(schedule.output_nodes))
+    return answer
+
+
+def _training_levels(schedule: Schedule, answer_of) -> tuple:
+    length = schedule.length
+    reached = np.zeros(schedule.num_nodes, bool)
+    reached[schedule.output_nodes] = True
+    levels = [None] * schedule.depth
+    for step in reversed(schedule.levels):  # backward order decides the first gradient
+        width = step.width
+        operands = np.concatenate([step.left, step.right]).astype(np.int64)
+        codes = np.concatenate([2 * np.arange(width), 2 * np.arange(width) + 1])
+        order = np.lexsort((codes, operands))  # by node, then (merge, side)
+        operands, codes = operands[order], codes[order]
+        starts = np.flatnonzero(np.r_[True, operands[1:] != operands[:-1]])
+        targets = operands[starts]
+        first_gradient = ~reached[targets]
+        reached[targets] = True
+        first = int(step.out[0])
+        levels[step.index - 1] = LevelPlan(
+            index=step.index, first=first, stop=first + width, merge_start=first - length,
+            left=_table(step.left), right=_table(step.right), out=_table(step.out),
+            answer=_table(answer_of[first:first + width]), targets=_table(targets),
+            consumer_ptr=_table(np.r_[starts, len(operands)]), consumers=_table(codes),
+            first_gradient=_table(first_gradient, bool))
+    return tuple(levels), np.flatnonzero(~reached)
+
+
+def _inference_levels(schedule: Schedule, slot, answer_of) -> tuple:
+    levels = []
+    for step in schedule.levels:
+        first = int(step.out[0])
+        levels.append(LevelPlan(
+            index=step.index, first=first, stop=first + step.width,
+            merge_start=first - schedule.length,
+            left=_table(slot[step.left]), right=_table(slot[step.right]),
+            out=_table(slot[step.out]), answer=_table(answer_of[first:first + step.width]),
+            targets=_EMPTY, consumer_ptr=_EMPTY, consumers=_EMPTY,
+            first_gradient=_EMPTY_FLAGS))
+    return tuple(levels)
+
+
+@functools.lru_cache(maxsize=128)
+def lower(schedule: Schedule, mode: str) -> Plan:
+    """The :class:`Plan` of ``schedule`` for ``mode`` (cached; immutable)."""
+    if mode not in MODES:
+        raise TreeschedError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    answer_of = _answer_of(schedule)
+    length = schedule.length
+    local = _table(np.arange(max(schedule.widest, 1)))
+    if mode == "training":
+        levels, unreached = _training_levels(schedule, answer_of)
+        return Plan(schedule=schedule, mode=mode, num_locations=schedule.num_nodes,
+                    leaves=_table(np.arange(length)), leaf_answer=_table(answer_of[:length]),
+                    answer_locations=_table(schedule.output_nodes), levels=levels,
+                    local=local, unreached=_table(unreached))
+    slots = inference_slots(schedule)
+    slot = slots.slot.astype(np.int64)
+    return Plan(schedule=schedule, mode=mode, num_locations=slots.num_slots,
+                leaves=_table(slot[:length]), leaf_answer=_table(answer_of[:length]),
+                answer_locations=_table(slot[schedule.output_nodes]),
+                levels=_inference_levels(schedule, slot, answer_of), local=local,
+                unreached=_EMPTY)
+
+
+# ================================================================ workspaces
+def level_rows(plan: Plan, batch: int) -> int:
+    """Rows of a per-level buffer: the widest level's, at least one merge's."""
+    return max(plan.widest, 1) * batch
+
+
+def scratch_rows(plan: Plan, batch: int) -> int:
+    """Rows of the level scratch that also carries the leaves in chunks (at
+    least two positions' worth, so a chunk of one position always fits)."""
+    return max(plan.widest, 2) * batch
+
+
+def workspace_layout(plan: Plan, cell, batch: int, inputs: int, hidden: int) -> dict:
+    """``{buffer name: shape}`` of everything one pass of ``cell`` over ``plan`` keeps.
+
+    Training (the executor's buffers, in units of rows ``(location, b)``):
+    ``x_rows``; the state stores ``h`` (and ``c``) and their gradients
+    ``dh`` (and ``dc``) over every node; per merge layer ``k`` its cache
+    ``act{k}`` over every merge (a gated layer's activations; an affine
+    layer's output, except the top one's, which is the store); one level's
+    ``pair`` (operands ``[h_l | h_r]``, then their gradient; also the leaf
+    scratch), and, with more than one layer, the per-level ``hidden`` input
+    of a layer, the cells between layers (``cells{k}``, recomputed in
+    backward rather than cached) and ping-pong gradients.  Inference:
+    ``x_rows``, the slot stores, ``pair``, the gate scratch ``act`` and the
+    per-level ``hidden`` / ``cells`` (gated) or ping-pong outputs (affine).
+    Results, staged inputs and weight gradients are not listed.
+    """
+    B, H, T, D = batch, hidden, plan.length, inputs
+    gated = cell.kind == "gated"
+    num_layers = len(cell.merge_layers)
+    rows, scratch = level_rows(plan, B), scratch_rows(plan, B)
+    states = cell.state_names
+    layout = {"x_rows": (T * B, D)}
+    for name in states:
+        layout[name] = (plan.num_locations, B, H)
+    layout["pair"] = (scratch, 2 * H)
+    if plan.mode == "training":
+        for name in states:
+            layout[f"d{name}"] = (plan.num_locations, B, H)
+        merge_rows = plan.num_merges * B
+        for k, layer in enumerate(cell.merge_layers):
+            if gated or k < num_layers - 1:
+                layout[f"act{k}"] = (merge_rows, layer.blocks * H)
+        if num_layers > 1:
+            for side in (0, 1):
+                layout[f"ping_h{side}"] = (rows, H)
+            if gated:
+                layout["hidden"] = (rows, H)
+                for k in range(num_layers - 1):
+                    layout[f"cells{k}"] = (rows, H)
+                for side in (0, 1):
+                    layout[f"ping_c{side}"] = (rows, H)
+        if gated and cell.merge_layers[0].num_prev == 2:
+            layout["dc_left"] = (rows, H)
+            layout["dc_right"] = (rows, H)
+    else:
+        if gated:
+            widest_gates = max(layer.blocks for layer in cell.layers)
+            layout["act"] = (scratch, widest_gates * H)
+            if num_layers > 1:
+                layout["hidden"] = (rows, H)
+                layout["cells"] = (rows, H)
+        else:
+            for side in (0, 1):
+                layout[f"ping_h{side}"] = (rows, H)
+    return layout
+
+
 def _itemsize(dtype) -> int:
     try:
-        size = np.dtype(dtype).itemsize
+        kind = np.dtype(dtype)
     except TypeError:
         raise TreeschedError(f"unknown dtype {dtype!r}") from None
-    if np.dtype(dtype) not in (np.float32, np.float64):
-        raise TreeschedError(f"dtype must be float32 or float64, got {np.dtype(dtype).name}")
-    return size
+    if kind not in (np.float32, np.float64):
+        raise TreeschedError(f"dtype must be float32 or float64, got {kind.name}")
+    return kind.itemsize
 
 
 def activation_memory(schedule: Schedule, batch: int, hidden: int, dtype="float32",
-                      num_layers: int = 2, cell: str = "lstm") -> dict:
+                      num_layers: int = 2, cell: str = "lstm", inputs: int = 1) -> dict:
     """Bytes of activations for one forward, and for a forward+backward pass.
 
-    Parameters, inputs and the logits are not counted: they are the same
-    for every schedule.  ``forward`` is the inference plan (slot reuse plus
-    the widest level's workspace); ``forward_backward`` keeps every node's
-    state and every cache backward reads, plus one level of gradients.
+    The sum of :func:`workspace_layout` plus the answers handed back (one
+    ``(batch, K, hidden)`` array per state); parameters and their gradients,
+    the inputs' own copy and the logits are not counted.
     """
-    for name, value in (("batch", batch), ("hidden", hidden), ("num_layers", num_layers)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise TreeschedError(f"{name} must be a positive integer, got {value!r}")
-    if cell not in CELL_FLOATS:
-        raise TreeschedError(f"unknown cell {cell!r}; known cells: {', '.join(CELL_FLOATS)}")
-    floats = CELL_FLOATS[cell]
+    batch = positive_int("batch", batch)
+    hidden = positive_int("hidden", hidden)
+    num_layers = positive_int("num_layers", num_layers)
     item = _itemsize(dtype)
-    row = batch * hidden * item  # one (batch, hidden) block
-    per_merge = floats["merge"] + (num_layers - 1) * floats["unary"]
-    outputs = len(schedule.output_nodes)
+    described = get_cell(cell, num_layers)
+    answers = len(described.state_names) * batch * len(schedule.output_nodes) * hidden
 
-    slots = inference_slots(schedule).num_slots
-    forward = (slots * floats["state"] * row                   # live states
-               + schedule.widest * per_merge * row             # one level's workspace
-               + outputs * row)                                # answers' h
-    training = (schedule.num_nodes * floats["state"] * row     # every state
-                + schedule.length * floats["leaf"] * row       # leaf caches
-                + schedule.num_merges * per_merge * row        # merge caches
-                + outputs * row)                               # head input
-    backward_extra = (schedule.num_nodes * floats["state"] * row)  # state gradients
+    def total(mode):
+        layout = workspace_layout(lower(schedule, mode), described, batch, inputs, hidden)
+        return (sum(int(np.prod(shape)) for shape in layout.values()) + answers) * item
+
     return {
         "dtype": np.dtype(dtype).name,
         "batch": batch,
         "hidden": hidden,
         "num_layers": num_layers,
         "cell": cell,
-        "inference_slots": slots,
-        "forward_bytes": int(forward),
-        "forward_backward_bytes": int(training + backward_extra),
+        "inference_slots": lower(schedule, "inference").num_locations,
+        "forward_bytes": int(total("inference")),
+        "forward_backward_bytes": int(total("training")),
     }
+
+
+__all__ = ["lower", "Plan", "LevelPlan", "MODES", "workspace_layout", "level_rows",
+           "scratch_rows", "activation_memory", "inference_slots", "last_use_level", "SlotPlan"]

@@ -16,11 +16,14 @@ import numpy as np
 from .compiler import compile as compile_schedule
 from .compiler import normalize_outputs, validate_pattern
 from .errors import TreeschedError
+from .executor import ReusedArrays
 from .fileio import read_npz, write_bytes
-from .interop import returned_as
+from .haiku_import import HaikuImport, load_haiku_msgpack
+from .interop import last_state, returned_as, to_backend_array, to_host
 from .ops import get_cell, head_backward, head_forward, head_param_shapes
 from .ops import softmax_cross_entropy
 from .backends import get_backend
+from .validation import positive_int
 
 CHECKPOINT_FORMAT = "treesched-prlstm"
 CHECKPOINT_VERSION = 1
@@ -68,12 +71,7 @@ class ParamDict(dict):
 
     def numpy(self) -> dict:
         """Host copies of every parameter, as NumPy arrays."""
-        return {name: np.asarray(_to_host(value)) for name, value in self.items()}
-
-
-def _to_host(array):
-    get = getattr(array, "get", None)  # cupy.ndarray → numpy
-    return get() if callable(get) and not isinstance(array, np.ndarray) else array
+        return {name: np.asarray(to_host(value, name)) for name, value in self.items()}
 
 
 class PRLSTM:
@@ -103,8 +101,7 @@ class PRLSTM:
                  dtype: str = "float32", seed: int = 0):
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
                             ("output_size", output_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise TreeschedError(f"{name} must be a positive integer, got {value!r}")
+            positive_int(name, value)
         dtype = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else dtype
         if dtype not in DTYPES:
             raise TreeschedError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -115,6 +112,9 @@ class PRLSTM:
         self.cell = get_cell(cell, self.num_layers)
         self.backend = get_backend(backend)
         self.xp = self.backend.xp
+        # the head's input gradient, handed to the backend and then dead:
+        # reused between calls instead of page-faulted in anew
+        self._scratch = ReusedArrays(lambda shape, dtype: self.xp.empty(shape, dtype))
         shapes = dict(self.cell.param_shapes(self.input_size, self.hidden_size, self.num_layers))
         shapes.update(head_param_shapes(self.hidden_size, self.output_size))
         self.param_shapes = shapes
@@ -161,7 +161,6 @@ class PRLSTM:
     # ------------------------------------------------------------ validation
     def _as_backend_array(self, value, what):
         """Any array-like (NumPy, CuPy, DLPack producers) → backend array of our dtype."""
-        from .interop import to_backend_array
         array = to_backend_array(value, self.backend, what)
         kind = array.dtype.kind
         if kind not in "biuf":
@@ -182,7 +181,7 @@ class PRLSTM:
         if not bool(self.xp.isfinite(x).all()):
             raise TreeschedError("x contains NaN or infinity")
         if lengths is not None:
-            lengths = np.asarray(_to_host(lengths))
+            lengths = np.asarray(to_host(lengths, "lengths"))
             if lengths.shape != (batch,):
                 raise TreeschedError(f"lengths must have shape ({batch},), got {lengths.shape}")
             if lengths.dtype.kind not in "iu":
@@ -297,7 +296,6 @@ class PRLSTM:
     def last_state(self, x, lengths=None, like=None):
         """Each sequence's final state ``(h, c)`` (``(h,)`` for rnn), each ``(B, H)``,
         without the head: features for a downstream model."""
-        from .interop import last_state
         return last_state(self, x, lengths, like=like)
 
     def forward(self, x, lengths=None, outputs="all", like=None):
@@ -316,7 +314,8 @@ class PRLSTM:
         runs = self._run(x, lengths, outputs, need_grad=False)
         logits = []
         for rows, states, _, valid in runs:
-            y, _ = head_forward(self._params, states[0], need_cache=False)
+            # the states are this call's own (fresh from the backend): relu in place
+            y, _ = head_forward(self._params, states[0], need_cache=False, overwrite_input=True)
             if valid is not None:
                 y *= valid[..., None]
             logits.append(y)
@@ -370,7 +369,8 @@ class PRLSTM:
         """Forward keeping what backward needs: ``(logits, runs)``."""
         runs, logits = [], []
         for rows, states, tape, valid in self._run(x, lengths, outputs, need_grad=True):
-            y, head_cache = head_forward(self._params, states[0], need_cache=True)
+            y, head_cache = head_forward(self._params, states[0], need_cache=True,
+                                         overwrite_input=True)
             if valid is not None:
                 y *= valid[..., None]
             logits.append(y)
@@ -383,7 +383,8 @@ class PRLSTM:
             run_dy = dy if len(rows) == batch else dy[self.xp.asarray(rows)]
             if valid is not None:
                 run_dy = run_dy * valid[..., None]
-            dh, head_grads = head_backward(self._params, head_cache, run_dy)
+            dh_buffer = self._scratch.get(("dh", len(rows)), head_cache.shape, head_cache.dtype)
+            dh, head_grads = head_backward(self._params, head_cache, run_dy, out=dh_buffer)
             dstates = (dh,) + (None,) * (num_states - 1)
             cell_grads, _ = self.backend.encode_backward(self.cell, self._params, tape, dstates)
             for name, value in {**head_grads, **cell_grads}.items():
@@ -399,12 +400,35 @@ class PRLSTM:
         write_bytes(path, buffer.getvalue())
 
     @classmethod
-    def from_haiku_msgpack(cls, path, **options) -> "PRLSTM":
-        """Import a checkpoint of the paper's code (Haiku params serialized
-        with ``flax.serialization.to_bytes``); see :mod:`treesched.haiku_import`.
-        Needs msgpack only, not JAX."""
-        from .haiku_import import from_haiku_msgpack
-        return from_haiku_msgpack(path, model_class=cls, **options)
+    def from_haiku(cls, found: HaikuImport, *, pattern: str = "odd-even", backend: str = "numpy",
+                   dtype: str | None = None, source: str = "checkpoint") -> "PRLSTM":
+        """A model holding the parameters of an imported paper checkpoint
+        (:func:`treesched.haiku_import.load_haiku_msgpack`).
+
+        ``pattern``: ``"odd-even"`` (default) is the ``jax.lax.associative_scan``
+        recursion the paper's code uses, the only one that reproduces its
+        outputs.  ``dtype``: default float64 if every tensor of the file is
+        float64, else float32.  Sizes, cell and ``num_layers`` come from the file.
+        """
+        config = found.config
+        model = cls(config["input_size"], config["hidden_size"], config["output_size"],
+                    num_layers=config["num_layers"], cell=config["cell"], pattern=pattern,
+                    backend=backend, dtype=dtype or config["dtype"])
+        try:
+            model.params = found.params
+        except TreeschedError as error:
+            raise TreeschedError(f"{source}: {error}") from None
+        return model
+
+    @classmethod
+    def from_haiku_msgpack(cls, path, *, pattern: str = "odd-even", backend: str = "numpy",
+                           dtype: str | None = None) -> "PRLSTM":
+        """Import a checkpoint of the paper's code (Haiku params serialized with
+        ``flax.serialization.to_bytes``); see :mod:`treesched.haiku_import`.
+        Needs msgpack only, not JAX; refuses anything that is not the paper's
+        PR-LSTM / PR-RNN with a read-out head."""
+        return cls.from_haiku(load_haiku_msgpack(path), pattern=pattern, backend=backend,
+                              dtype=dtype, source=f"checkpoint {path}")
 
     @classmethod
     def load(cls, path, backend: str | None = None) -> "PRLSTM":

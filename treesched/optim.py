@@ -24,22 +24,14 @@ import math
 import numpy as np
 
 from .errors import TreeschedError
-
-
-def _xp(array):
-    """The array module of ``array`` (NumPy or CuPy)."""
-    module = type(array).__module__.split(".")[0]
-    if module == "cupy":  # pragma: no cover - GPU only
-        import cupy
-        return cupy
-    return np
+from .ops import array_module
 
 
 def global_norm(grads: dict) -> float:
     """``sqrt(sum of squares)`` over every array of ``grads`` (optax.global_norm)."""
     total = 0.0
     for value in grads.values():
-        xp = _xp(value)
+        xp = array_module(value)
         total += float(xp.sum(value * value))
     return math.sqrt(total)
 
@@ -99,8 +91,8 @@ class Adam:
     def init(self, params) -> None:
         """Zero moments shaped like ``params`` (a dict of arrays)."""
         self.count = 0
-        self.mu = {name: _xp(value).zeros_like(value) for name, value in params.items()}
-        self.nu = {name: _xp(value).zeros_like(value) for name, value in params.items()}
+        self.mu = {name: array_module(value).zeros_like(value) for name, value in params.items()}
+        self.nu = {name: array_module(value).zeros_like(value) for name, value in params.items()}
 
     def updates(self, grads: dict) -> tuple[dict, float]:
         """``(updates, grad_norm)``: the additive updates for ``grads``,
@@ -114,7 +106,7 @@ class Adam:
         out = {}
         for name, g in clipped.items():
             dtype = g.dtype.type
-            xp = _xp(g)
+            xp = array_module(g)
             # coefficients as optax forms them: Python floats cast to the dtype
             mu = dtype(1 - self.b1) * g + dtype(self.b1) * self.mu[name]
             nu = dtype(1 - self.b2) * (g * g) + dtype(self.b2) * self.nu[name]
@@ -168,5 +160,5 @@ class Adam:
                         raise TreeschedError(
                             f"optimizer state {which}[{name!r}] is {value.dtype}{value.shape}; "
                             f"the parameter is {ref.dtype}{tuple(ref.shape)}")
-                    table[name] = _xp(ref).asarray(value)
+                    table[name] = array_module(ref).asarray(value)
         self.count, self.mu, self.nu = count, mu, nu

@@ -10,6 +10,7 @@ directly by its right operand's.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,6 +18,9 @@ import numpy as np
 
 from .errors import TreeschedError
 from .patterns import PREFIX_STABLE
+
+JSON_FORMAT = "treesched-schedule"
+JSON_VERSION = 1
 
 
 def _frozen(values, dtype=np.int32) -> np.ndarray:
@@ -178,10 +182,10 @@ class Schedule:
         return self
 
     # ------------------------------------------------------------ statistics
-    def stats(self, batch: int | None = None, hidden: int | None = None,
-              dtype="float32", num_layers: int = 2, cell: str = "lstm") -> dict:
-        """Counts, per-level widths and (given batch and hidden) memory."""
-        info = {
+    def stats(self) -> dict:
+        """Counts and per-level widths (``treesched.lowering.activation_memory``
+        prices a pass over the schedule)."""
+        return {
             "length": self.length,
             "pattern": self.pattern,
             "outputs": self.outputs,
@@ -192,36 +196,115 @@ class Schedule:
             "widest_level": self.widest,
             "level_widths": [int(w) for w in self.widths],
         }
-        if batch is not None and hidden is not None:
-            from .lowering import activation_memory
-            info["memory"] = activation_memory(self, batch, hidden, dtype,
-                                               num_layers=num_layers, cell=cell)
-        return info
-
-    def memory(self, batch: int, hidden: int, dtype="float32", num_layers: int = 2,
-               cell: str = "lstm") -> dict:
-        """Activation bytes of a forward and of a forward+backward pass."""
-        from .lowering import activation_memory
-        return activation_memory(self, batch, hidden, dtype, num_layers=num_layers,
-                                 cell=cell)
 
     # ---------------------------------------------------------------- exports
     def to_json(self, indent=None) -> str:
-        from .export import schedule_to_json
-        return schedule_to_json(self, indent=indent)
+        """Serialize the whole DAG; :meth:`from_json` restores it exactly."""
+        merges = slice(self.length, None)
+        document = {
+            "format": JSON_FORMAT,
+            "version": JSON_VERSION,
+            "length": self.length,
+            "pattern": self.pattern,
+            "outputs": self.outputs,
+            "merges": self.num_merges,
+            "depth": self.depth,
+            "widest_level": self.widest,
+            # Per merge node (ids length, length+1, …): operands, level, span.
+            "left": self.left[merges].tolist(),
+            "right": self.right[merges].tolist(),
+            "level": self.level[merges].tolist(),
+            "start": self.start[merges].tolist(),
+            "stop": self.stop[merges].tolist(),
+            "output_positions": self.output_positions.tolist(),
+            "output_nodes": self.output_nodes.tolist(),
+        }
+        return json.dumps(document, indent=indent)
 
     @classmethod
     def from_json(cls, text: str) -> "Schedule":
-        from .export import schedule_from_json
-        return schedule_from_json(text)
+        """Parse and validate a document written by :meth:`to_json`."""
+        try:
+            document = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as error:
+            raise TreeschedError(f"not a schedule JSON document: {error}") from None
+        if not isinstance(document, dict) or document.get("format") != JSON_FORMAT:
+            raise TreeschedError(f"not a schedule JSON document (format != {JSON_FORMAT!r})")
+        if document.get("version") != JSON_VERSION:
+            raise TreeschedError(f"unsupported schedule JSON version {document.get('version')!r}")
+        try:
+            length = int(document["length"])
+            count = len(document["left"])
+            arrays = {name: np.asarray(document[name], np.int64).reshape(count)
+                      for name in ("left", "right", "level", "start", "stop")}
+            positions = np.asarray(document["output_positions"], np.int64).reshape(-1)
+            nodes = np.asarray(document["output_nodes"], np.int64).reshape(-1)
+            pattern, outputs = document["pattern"], document["outputs"]
+        except (KeyError, ValueError, TypeError) as error:
+            raise TreeschedError(f"malformed schedule JSON: {error!r}") from None
+        if length < 1:
+            raise TreeschedError("malformed schedule JSON: length must be positive")
+        leaves = np.arange(length)
+        schedule = cls(
+            length=length, pattern=pattern, outputs=outputs,
+            left=np.concatenate([np.full(length, -1), arrays["left"]]),
+            right=np.concatenate([np.full(length, -1), arrays["right"]]),
+            level=np.concatenate([np.zeros(length, np.int64), arrays["level"]]),
+            start=np.concatenate([leaves, arrays["start"]]),
+            stop=np.concatenate([leaves + 1, arrays["stop"]]),
+            output_positions=positions, output_nodes=nodes,
+        )
+        if np.any(nodes < 0) or np.any(nodes >= schedule.num_nodes):
+            raise TreeschedError("invalid schedule: output node out of range")
+        return schedule.validate()
+
+    def label(self, node: int) -> str:
+        """``x{t}`` for leaf t, ``{start}..{stop-1}`` for a merge: the span it covers."""
+        start, stop = int(self.start[node]), int(self.stop[node])
+        return f"x{start}" if node < self.length else f"{start}..{stop - 1}"
 
     def to_dot(self) -> str:
-        from .export import schedule_to_dot
-        return schedule_to_dot(self)
+        """Graphviz DOT: one rank per level, edges operand → merge (l/r labelled)."""
+        lines = [
+            "digraph schedule {",
+            f'  label="{self.pattern}, T={self.length}, '
+            f'{self.num_merges} merges, depth {self.depth}";',
+            "  rankdir=BT; node [shape=box, fontsize=10];",
+        ]
+        answered = {int(n): int(p) for p, n in
+                    zip(self.output_positions, self.output_nodes)}
+        for lvl in range(self.depth + 1):
+            first, last = self.level_offsets[lvl], self.level_offsets[lvl + 1]
+            members = " ".join(f"n{node};" for node in range(first, last))
+            lines.append(f"  {{ rank=same; {members} }}")
+        for node in range(self.num_nodes):
+            style = ", style=bold" if node in answered else ""
+            lines.append(f'  n{node} [label="{self.label(node)}"{style}];')
+        for node in range(self.length, self.num_nodes):
+            lines.append(f'  n{self.left[node]} -> n{node} [label="l"];')
+            lines.append(f'  n{self.right[node]} -> n{node} [label="r"];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
 
     def to_networkx(self):
-        from .export import schedule_to_networkx
-        return schedule_to_networkx(self)
+        """A ``networkx.DiGraph``: edges operand → merge with ``side`` 'left'/'right'.
+
+        Built only on request; the compile path never touches networkx.
+        """
+        import networkx as nx  # optional: only this method needs it
+
+        graph = nx.DiGraph(length=self.length, pattern=self.pattern,
+                           outputs=self.outputs, depth=self.depth)
+        answered = {int(n): int(p) for p, n in
+                    zip(self.output_positions, self.output_nodes)}
+        for node in range(self.num_nodes):
+            graph.add_node(node, level=int(self.level[node]),
+                           span=(int(self.start[node]), int(self.stop[node])),
+                           leaf=node < self.length, answers=answered.get(node))
+        merges = range(self.length, self.num_nodes)
+        graph.add_edges_from((int(self.left[m]), m, {"side": "left"}) for m in merges)
+        graph.add_edges_from((int(self.right[m]), m, {"side": "right"}) for m in merges)
+        return graph
 
     # ---------------------------------------------------------------- python
     def _key(self):

@@ -39,8 +39,10 @@ from . import tasks as tasks_lib
 from .errors import TreeschedError
 from .fileio import read_npz, write_bytes, write_text
 from .model import DTYPES, PRLSTM
+from .ops import cell_names
 from .optim import Adam
 from .progress import Progress
+from .validation import positive_int
 
 RUN_FORMAT = "treesched-run"
 RUN_VERSION = 1
@@ -63,12 +65,6 @@ def default_backend() -> str:
     """``"numba"`` where it can run, else ``"numpy"``."""
     from .backends import why_unavailable
     return "numba" if why_unavailable("numba") is None else "numpy"
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise TreeschedError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 @dataclasses.dataclass
@@ -95,7 +91,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         task = tasks_lib.get(self.task)
         for name in ("steps", "hidden", "num_layers", "batch", "max_length"):
-            setattr(self, name, _positive_int(getattr(self, name), name))
+            setattr(self, name, positive_int(name, getattr(self, name)))
         if self.max_length < task.min_length:
             raise TreeschedError(
                 f"max_length {self.max_length} is below the shortest length task "
@@ -107,8 +103,9 @@ class TrainConfig:
         self.seed = int(self.seed)
         if self.dtype not in DTYPES:
             raise TreeschedError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.cell not in ("lstm", "rnn"):
-            raise TreeschedError(f"cell must be lstm or rnn, got {self.cell!r}")
+        if not isinstance(self.cell, str) or self.cell.lower() not in cell_names():
+            raise TreeschedError(f"cell must be one of {', '.join(cell_names())}, "
+                                 f"got {self.cell!r}")
         from .compiler import validate_pattern
         self.pattern = validate_pattern(self.pattern)
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
@@ -272,8 +269,8 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
       a :class:`TrainResult`.
     """
     out = Path(out)
-    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
-    log_every = _positive_int(log_every, "log_every")
+    checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
+    log_every = positive_int("log_every", log_every)
     backend = backend or default_backend()
     state_meta = state_arrays = None
     if resume:

@@ -1,4 +1,4 @@
-"""The shared base class of the formal-language tasks.
+"""The shared base classes of the formal-language tasks.
 
 Every task draws integer token ids with :meth:`Task.sample_tokens` and
 :meth:`Task.sample` one-hot encodes them.  Randomness comes only from the
@@ -52,6 +52,13 @@ class Task:
       has_accuracy_mask: whether accuracy ignores positions after a
         termination token (otherwise the mask is all ones).
       min_length: the smallest length :meth:`sample` accepts.
+
+    A task defines the attributes above and :meth:`_labels`; it overrides
+    :meth:`_output_length` when its output is a sequence,
+    :meth:`_draw_inputs` when its inputs are not uniform independent symbols
+    (or :meth:`_draw` when inputs and labels are drawn together), and
+    :meth:`input_length` when the input length differs from the requested
+    one.  Argument checking stays in the public methods.
     """
 
     name: str = ""
@@ -79,8 +86,20 @@ class Task:
         return int(n)
 
     def output_length(self, n: int) -> int:
-        """Number of output positions for input length ``n`` (default 1)."""
+        """Number of output positions for requested length ``n``.
+
+        Raises :class:`TreeschedError` unless ``n`` passes
+        :meth:`check_length`; otherwise returns ``_output_length(int(n))``.
+        """
         self.check_length(n)
+        return self._output_length(int(n))
+
+    def _output_length(self, n: int) -> int:
+        """:meth:`output_length` of an already checked ``int`` length ``n``.
+
+        The default, 1, is a single class per sequence; tasks with a
+        sequence as output override this with their formula.
+        """
         return 1
 
     # -- targets as a function of the input ----
@@ -116,6 +135,9 @@ class Task:
 
     def _draw(self, rng: np.random.Generator, batch_size: int,
               length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Input ids and their label ids for checked arguments; by default
+        :meth:`_draw_inputs` then :meth:`_labels` of those inputs (tasks
+        that know the label while generating override this)."""
         tokens = self._draw_inputs(rng, batch_size, length)
         return tokens, self._labels(tokens)
 
@@ -164,3 +186,11 @@ class Task:
         return (f"<Task {self.name} level={self.level} "
                 f"input_size={self.input_size} "
                 f"output_size={self.output_size}>")
+
+
+class EqualLengthOutputTask(Task):
+    """A :class:`Task` with as many output positions as input symbols:
+    ``output_length(n) = n``."""
+
+    def _output_length(self, n: int) -> int:
+        return n

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from treesched.errors import TreeschedError
-from treesched.tasks.base import Task
+from treesched.tasks.base import EqualLengthOutputTask, Task
 
 # -- binary helpers ----
 
@@ -29,19 +29,18 @@ def random_nonzero_bits(rng: np.random.Generator, lengths: np.ndarray,
     return bits
 
 
-def bits_to_ints(bits: np.ndarray) -> list[int]:
-    """Python ints of little-endian bit rows ``(B, W)``."""
-    if bits.shape[1] == 0:
-        return [0] * bits.shape[0]
-    chars = (bits[:, ::-1] + 48).astype(np.uint8)
-    return [int(row.tobytes(), 2) for row in chars]
-
-
 def little_endian_int(bits: np.ndarray) -> int:
     """Python int of one little-endian 0/1 row (empty -> 0)."""
     if bits.size == 0:
         return 0
+    # The row as an ASCII string of '0'/'1' (48 is ord('0')), most
+    # significant bit first, parsed by int() in base 2: exact at any width.
     return int((bits[::-1] + 48).astype(np.uint8).tobytes(), 2)
+
+
+def bits_to_ints(bits: np.ndarray) -> list[int]:
+    """Python ints of little-endian bit rows ``(B, W)`` (``W == 0`` -> 0)."""
+    return [little_endian_int(row) for row in bits]
 
 
 def int_to_bits(value: int) -> np.ndarray:
@@ -96,10 +95,12 @@ def _short_operand(rng, batch_size, length):
     return (values[:, None] >> np.arange(length)[None, :]) & 1
 
 
-def _results_to_labels(results: list[int], width: int) -> np.ndarray:
+def _terminated_labels(results: list[np.ndarray], width: int) -> np.ndarray:
+    """Labels ``(len(results), width)``: row ``b`` is the bits
+    ``results[b]``, then the termination token ``2``, then ``0`` padding
+    (each result must have fewer than ``width`` bits)."""
     labels = np.zeros((len(results), width), dtype=np.int64)
-    for b, value in enumerate(results):
-        bits = int_to_bits(value)
+    for b, bits in enumerate(results):
         labels[b, :bits.size] = bits
         labels[b, bits.size] = 2
     return labels
@@ -117,9 +118,8 @@ class DuplicateString(Task):
     input_size = 2
     output_size = 2
 
-    def output_length(self, n):
-        self.check_length(n)
-        return 2 * int(n)
+    def _output_length(self, n):
+        return 2 * n
 
     def _labels(self, tokens):
         return np.concatenate([tokens, tokens], axis=1)
@@ -168,51 +168,54 @@ class MissingDuplicateString(Task):
         return body[np.arange(batch), twin][:, None]
 
 
-class OddsFirst(Task):
-    """Binary string ``s``; output the symbols at 0-based odd positions
-    first, then those at even positions: ``s[1::2] + s[0::2]``
-    (output_length ``n``).  This follows the public code; its docstring's
-    example reads the other way round."""
+class OddsFirst(EqualLengthOutputTask):
+    """Binary string ``s`` (uniform bits); output the symbols at 0-based odd
+    positions first, then those at even positions: ``s[1::2] + s[0::2]``,
+    e.g. ``00110101`` -> ``01110100``.  This follows the public code; its
+    docstring's example reads the other way round."""
 
     name = "odds_first"
     level = "cs"
     input_size = 2
     output_size = 2
 
-    def output_length(self, n):
-        self.check_length(n)
-        return int(n)
-
     def _labels(self, tokens):
         return np.concatenate([tokens[:, 1::2], tokens[:, 0::2]], axis=1)
 
 
-class BinaryAddition(Task):
-    """Sum of two little-endian binary numbers.
+class BinaryArithmeticTask(Task):
+    """The shared definition of binary_addition and binary_multiplication.
 
-    Input ids (input_size 3): bits, ``2`` = the ``+`` separator.  For
-    ``n >= 3`` the input is ``a 2 b`` (see the operand distribution in
-    :func:`_two_operands`: the ``n - 1`` digits are split with ``len(a)``
-    uniform in ``[1, n-2]``; each operand uniform in ``[1, 2**len - 1]``,
-    little-endian, padded with zeros at the end to its length).  For
-    ``n <= 2`` the input is just ``n`` little-endian bits of a number uniform
-    in ``[0, 2**n - 2]`` (no separator) and the "sum" is that number.
+    Input ids (input_size 3): bits, ``2`` = the operator separating the
+    operands.  For ``n >= 3`` the input is ``a 2 b`` (see the operand
+    distribution in :func:`_two_operands`: the ``n - 1`` digits are split
+    with ``len(a)`` uniform in ``[1, n-2]``; each operand uniform in
+    ``[1, 2**len - 1]``, little-endian, padded with zeros at the end to its
+    length).  For ``n <= 2`` the input is just ``n`` little-endian bits of a
+    number uniform in ``[0, 2**n - 2]`` (no separator, see
+    :func:`_short_operand`).
 
-    Output (output_size 3, output_length ``n + 1``): the sum little-endian
-    without trailing zeros (``0`` is ``[0]``), then the termination token
-    ``2``, then ``0`` padding.  Accuracy mask: up to and including the
-    termination token.
+    Output (output_size 3, output_length ``_output_length(n)``): the
+    result's bits, then the termination token ``2``, then ``0`` padding.
+    For ``n >= 3`` the result is ``_combine(a, b)`` little-endian without
+    trailing zeros (``0`` is ``[0]``); for ``n <= 2`` its bits are
+    ``_short_result_bits`` of the input row.  Accuracy mask: up to and
+    including the termination token.
     """
 
-    name = "binary_addition"
     level = "cs"
     input_size = 3
     output_size = 3
     has_accuracy_mask = True
 
-    def output_length(self, n):
-        self.check_length(n)
-        return int(n) + 1
+    def _combine(self, a: int, b: int) -> int:
+        """The result of the operation on the operands ``a`` and ``b``."""
+        raise NotImplementedError
+
+    def _short_result_bits(self, bits: np.ndarray) -> np.ndarray:
+        """The result's little-endian bits for an input row of ``<= 2`` bits
+        (such an input holds no operator)."""
+        raise NotImplementedError
 
     def _draw_inputs(self, rng, batch_size, length):
         if length <= 2:
@@ -223,48 +226,55 @@ class BinaryAddition(Task):
         length = tokens.shape[1]
         if length <= 2:
             _check_bits(tokens, self.name)
-            sums = [little_endian_int(row) for row in tokens]
+            results = [self._short_result_bits(row) for row in tokens]
         else:
-            sums = [a + b for a, b in _split_operands(tokens, self.name)]
-        return _results_to_labels(sums, length + 1)
+            results = [int_to_bits(self._combine(a, b))
+                       for a, b in _split_operands(tokens, self.name)]
+        return _terminated_labels(results, self.output_length(length))
 
 
-class BinaryMultiplication(Task):
-    """Product of two little-endian binary numbers.
+class BinaryAddition(BinaryArithmeticTask):
+    """Sum of two little-endian binary numbers (see
+    :class:`BinaryArithmeticTask`; ``2`` is the ``+`` separator).
 
-    Inputs as :class:`BinaryAddition` (``2`` is now the ``*`` separator).
-    Output (output_size 3, output_length ``n``): the product little-endian
-    without trailing zeros, then ``2``, then ``0`` padding (the product has
-    at most ``n - 1`` bits).  For ``n <= 2`` the input is ``n`` bits of a
-    number uniform in ``[0, 2**n - 2]`` and the output is fixed: ``[2]`` for
-    ``n == 1`` and ``[0, 2]`` for ``n == 2``.  Accuracy mask: up to and
-    including the termination token.
+    Output length ``n + 1``.  For ``n <= 2`` the "sum" is the number the
+    input bits encode.  Example: ``001 2 01101`` (4 + 22) ->
+    ``0101120000`` (26, then ``2``, then padding).
+    """
+
+    name = "binary_addition"
+
+    def _output_length(self, n):
+        return n + 1
+
+    def _combine(self, a, b):
+        return a + b
+
+    def _short_result_bits(self, bits):
+        return int_to_bits(little_endian_int(bits))
+
+
+class BinaryMultiplication(BinaryArithmeticTask):
+    """Product of two little-endian binary numbers (see
+    :class:`BinaryArithmeticTask`; ``2`` is the ``*`` separator).
+
+    Output length ``n`` (the product has at most ``n - 1`` bits).  For
+    ``n <= 2`` the public code fixes the result to ``n - 1`` zero bits, so
+    the output is ``[2]`` for ``n == 1`` and ``[0, 2]`` for ``n == 2``
+    whatever the input.  Example: ``001 2 01101`` (4 * 22) -> ``000110120``
+    (88, then ``2``, then padding).
     """
 
     name = "binary_multiplication"
-    level = "cs"
-    input_size = 3
-    output_size = 3
-    has_accuracy_mask = True
 
-    def output_length(self, n):
-        self.check_length(n)
-        return int(n)
+    def _output_length(self, n):
+        return n
 
-    def _draw_inputs(self, rng, batch_size, length):
-        if length <= 2:
-            return _short_operand(rng, batch_size, length)
-        return _two_operands(rng, batch_size, length)
+    def _combine(self, a, b):
+        return a * b
 
-    def _labels(self, tokens):
-        batch, length = tokens.shape
-        if length <= 2:
-            _check_bits(tokens, self.name)
-            labels = np.zeros((batch, length), dtype=np.int64)
-            labels[:, length - 1] = 2
-            return labels
-        products = [a * b for a, b in _split_operands(tokens, self.name)]
-        return _results_to_labels(products, length)
+    def _short_result_bits(self, bits):
+        return np.zeros(bits.size - 1, dtype=np.int64)
 
 
 class ComputeSqrt(Task):
@@ -281,9 +291,8 @@ class ComputeSqrt(Task):
     input_size = 2
     output_size = 2
 
-    def output_length(self, n):
-        self.check_length(n)
-        return math.ceil(int(n) / 2)
+    def _output_length(self, n):
+        return math.ceil(n / 2)
 
     def _draw_inputs(self, rng, batch_size, length):
         little = random_nonzero_bits(
@@ -302,18 +311,14 @@ class ComputeSqrt(Task):
         return labels
 
 
-class BucketSort(Task):
-    """String over ``{0..4}`` (uniform); output it sorted ascending
-    (output_length ``n``)."""
+class BucketSort(EqualLengthOutputTask):
+    """String over ``{0..4}`` (uniform symbols); output: the same symbols
+    sorted ascending, e.g. ``10204112`` -> ``00111224``."""
 
     name = "bucket_sort"
     level = "cs"
     input_size = 5
     output_size = 5
-
-    def output_length(self, n):
-        self.check_length(n)
-        return int(n)
 
     def _labels(self, tokens):
         return np.sort(tokens, axis=1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from treesched.errors import TreeschedError
-from treesched.tasks.base import Task
+from treesched.tasks.base import EqualLengthOutputTask, Task
 
 
 class StackManipulation(Task):
@@ -31,9 +31,8 @@ class StackManipulation(Task):
     has_accuracy_mask = True
     POP = 2
 
-    def output_length(self, n):
-        self.check_length(n)
-        return int(n) + 1
+    def _output_length(self, n):
+        return n + 1
 
     def _draw_inputs(self, rng, batch_size, length):
         if length == 1:
@@ -70,18 +69,14 @@ class StackManipulation(Task):
         return labels
 
 
-class ReverseString(Task):
-    """Binary string (uniform bits); output is the string reversed
-    (output_length ``n``)."""
+class ReverseString(EqualLengthOutputTask):
+    """Binary string (uniform bits); output: the string reversed, e.g.
+    ``011010`` -> ``010110``."""
 
     name = "reverse_string"
     level = "dcf"
     input_size = 2
     output_size = 2
-
-    def output_length(self, n):
-        self.check_length(n)
-        return int(n)
 
     def _labels(self, tokens):
         return tokens[:, ::-1].copy()
@@ -159,9 +154,18 @@ def evaluate_infix(ids, modulus: int, symbols: dict, task: str = "") -> int:
     return values[0] % modulus
 
 
-# Codes used while generating bracketed expressions (modular_arithmetic_
-# brackets' own vocabulary, for modulus m): digits 0..m-1, '+' = m,
-# '-' = m+1, '*' = m+2, '(' = m+3, ')' = m+4.
+# The codes bracket_expressions writes, for modulus m, are the digits 0..m-1
+# followed by these symbols: '+' = m, '-' = m+1, '*' = m+2, '(' = m+3,
+# ')' = m+4.  This is modular_arithmetic_brackets' own vocabulary;
+# solve_equation re-maps them to its alphabet.
+BRACKET_SYMBOLS = ("+", "-", "*", "(", ")")
+
+
+def _symbol_table(modulus: int, symbols) -> dict:
+    """The ``symbols`` argument of :func:`evaluate_infix` for an alphabet of
+    the digits ``0..modulus-1`` followed by ``symbols``: ``{modulus:
+    symbols[0], modulus + 1: symbols[1], ...}``."""
+    return dict(enumerate(symbols, start=modulus))
 
 
 def bracket_expressions(rng: np.random.Generator, batch_size: int,
@@ -252,7 +256,7 @@ class ModularArithmeticBrackets(Task):
 
     def _labels(self, tokens):
         m = self.modulus
-        symbols = {m: "+", m + 1: "-", m + 2: "*", m + 3: "(", m + 4: ")"}
+        symbols = _symbol_table(m, BRACKET_SYMBOLS)
         return np.array([[evaluate_infix(row, m, symbols, self.name)]
                          for row in tokens], dtype=np.int64).reshape(-1, 1)
 
@@ -276,6 +280,8 @@ class SolveEquation(Task):
     modulus = 5
     input_size = 11
     output_size = 5
+    # The symbols after the digits, in id order; then x and =.
+    SYMBOLS = ("+", "-", "(", ")")
     X, EQUALS = 9, 10
 
     def _labels(self, tokens):
@@ -283,7 +289,7 @@ class SolveEquation(Task):
         batch, length = tokens.shape
         if length < 3:
             return np.zeros((batch, 1), dtype=np.int64)
-        symbols = {m: "+", m + 1: "-", m + 2: "(", m + 3: ")"}
+        symbols = _symbol_table(m, self.SYMBOLS)
         labels = np.zeros((batch, 1), dtype=np.int64)
         for b, row in enumerate(tokens):
             if row[-2] != self.EQUALS or row[-1] >= m:
@@ -311,9 +317,12 @@ class SolveEquation(Task):
         expr_len = length - 2
         codes, values = bracket_expressions(
             rng, batch_size, expr_len, m, mult=False)
-        # Re-map the bracket codes to this task's alphabet.
-        lut = np.arange(m + 5)
-        lut[m + 3], lut[m + 4] = m + 2, m + 3
+        # Re-map the bracket codes to this task's alphabet, symbol by symbol
+        # ('*' is not in it, and mult=False never generates it).
+        lut = np.arange(m + len(BRACKET_SYMBOLS))
+        for code, symbol in _symbol_table(m, BRACKET_SYMBOLS).items():
+            if symbol in self.SYMBOLS:
+                lut[code] = m + self.SYMBOLS.index(symbol)
         codes = lut[codes]
         start = rng.integers(0, expr_len, size=batch_size)
         big = np.iinfo(np.int64).max

@@ -117,8 +117,8 @@ class ParityCheck(Task):
 class CycleNavigation(Task):
     """Walk on a cycle of 5 states starting at 0.
 
-    Input ids (uniform over 3): 0 = step left (-1), 1 = stay, 2 = step right
-    (+1).  Class = (sum of (id - 1)) mod 5.
+    Input ids (uniform over 3, the default draw): 0 = step left (-1),
+    1 = stay, 2 = step right (+1).  Class = (sum of (id - 1)) mod 5.
     """
 
     name = "cycle_navigation"
@@ -126,9 +126,6 @@ class CycleNavigation(Task):
     cycle_length = 5
     input_size = 3
     output_size = 5
-
-    def _draw_inputs(self, rng, batch_size, length):
-        return rng.integers(0, 3, size=(batch_size, length))
 
     def _labels(self, tokens):
         return ((tokens - 1).sum(axis=1) % self.cycle_length)[:, None]
