@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import numpy as np
 
@@ -98,6 +99,7 @@ FUSED_PROJECTION_MAX_INPUTS = 16
 # depend on the thread count; above it a row's result does not depend on
 # the blocking.
 GEMM_MIN_BLOCK_WORK = 1 << 21
+
 GEMM_MIN_BLOCK_ROWS = 64
 
 # Weight-gradient GEMMs on the Numba path: the row (K) axis is cut into
@@ -154,6 +156,20 @@ class BlasThreads:
         return False
 
 
+_warned_about_gemms = False
+
+
+def _warn_slower_gemms() -> None:
+    """Say once per process that float32 GEMMs take the slower path, and why."""
+    global _warned_about_gemms
+    if not _warned_about_gemms:
+        _warned_about_gemms = True
+        warnings.warn("treesched numba backend: scipy or threadpoolctl is not importable, so "
+                      "float32 GEMMs run on NumPy's multi-threaded BLAS, whose threads compete "
+                      "with the Numba kernels for the cores (slower); pip install scipy "
+                      "threadpoolctl", RuntimeWarning, stacklevel=3)
+
+
 def empty_buffer(shape, dtype) -> np.ndarray:
     """Every buffer this backend allocates (workspaces, results, gradients,
     scratch) comes from here: uninitialised memory, which every kernel
@@ -206,6 +222,8 @@ class NumbaBackend(Backend):
                                  "threadpoolctl; pip install scipy threadpoolctl")
         self.gemm = gemm
         self._absent = {}
+        if gemm == "auto" and not self.blas_threads.available:
+            _warn_slower_gemms()
 
     @classmethod
     def parity_variants(cls) -> list:
@@ -288,6 +306,12 @@ class NumbaBackend(Backend):
 
     def stage(self, workspace, name, value):
         return np.ascontiguousarray(value)
+
+    def host_compute(self):
+        """The model's head and loss run with the BLAS libraries on one thread
+        too: a multi-threaded BLAS call there would leave its idle workers
+        spinning into the next pass's kernels."""
+        return self.blas_threads
 
     def launch(self, workspace, variant, program):
         """Run a pass with the BLAS libraries pinned to one thread (module doc)."""

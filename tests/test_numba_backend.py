@@ -236,6 +236,22 @@ def test_poisoned_buffers(monkeypatch, ref, gemm, projection, poison):
                   f"poisoned d=24 outputs={outputs}")
 
 
+def test_the_slower_gemm_path_warns_once_and_says_why(monkeypatch):
+    """Without scipy/threadpoolctl the "auto" GEMM path falls back to NumPy's
+    BLAS: one RuntimeWarning per process naming the cause, then silence."""
+    monkeypatch.setattr(numba_backend, "_warned_about_gemms", False)
+    monkeypatch.setattr(BlasThreads, "__init__",
+                        lambda self: (setattr(self, "available", False), None)[1])
+    with pytest.warns(RuntimeWarning, match="scipy or threadpoolctl"):
+        backend = NumbaBackend()
+    assert not backend._numba_gemm(np.dtype(np.float32))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NumbaBackend()          # a second backend: no second warning
+        NumbaBackend(gemm="numpy")
+
+
 def test_gemm_path_selection(monkeypatch):
     """``gemm``: "auto" = Numba-threaded in float32 where possible, NumPy's in
     float64; "numba" / "numpy" force one path in every dtype.  (Hidden size

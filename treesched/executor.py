@@ -44,6 +44,7 @@ pooled arrays that nothing references any more (:class:`ReusedArrays`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import threading
@@ -250,6 +251,13 @@ class Backend:
     def launch(self, workspace: Workspace, variant, program) -> None:
         """Run ``program`` (primitive calls only) for ``variant`` of this workspace."""
         program()
+
+    def host_compute(self):
+        """A context for the caller's own array work around the passes (the
+        model's head and loss): a backend may keep its threading settings
+        there too, so that work does not leave threads spinning into the next
+        pass."""
+        return contextlib.nullcontext()
 
     def check_input(self, x):
         """``x`` as this backend's array (TreeschedError if it cannot be)."""

@@ -8,6 +8,7 @@ over it, and applies the read-out head.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -72,6 +73,15 @@ class ParamDict(dict):
     def numpy(self) -> dict:
         """Host copies of every parameter, as NumPy arrays."""
         return {name: np.asarray(to_host(value, name)) for name, value in self.items()}
+
+
+def _with_host_compute(method):
+    """Run a model method inside its backend's ``host_compute`` context."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **options):
+        with self.backend.host_compute():
+            return method(self, *args, **options)
+    return wrapped
 
 
 class PRLSTM:
@@ -270,6 +280,7 @@ class PRLSTM:
             out[self.xp.asarray(rows)] = values
         return out
 
+    @_with_host_compute
     def encode(self, x, lengths=None, outputs="all", like=None):
         """States without the head: a tuple ``(h, c)`` (``(h,)`` for the rnn
         cell), each ``(B, K, H)``, for the requested positions (zero at
@@ -298,6 +309,7 @@ class PRLSTM:
         without the head: features for a downstream model."""
         return last_state(self, x, lengths, like=like)
 
+    @_with_host_compute
     def forward(self, x, lengths=None, outputs="all", like=None):
         """Logits ``(B, K, O)`` at the requested positions (``K = T`` for "all").
 
@@ -321,6 +333,7 @@ class PRLSTM:
             logits.append(y)
         return returned_as(self._gather(runs, x.shape[0], logits), like, source)
 
+    @_with_host_compute
     def forward_backward(self, x, dy, lengths=None, outputs="all"):
         """``(y, grads)``: logits and the gradient of ``sum(y * dy)``.
 
@@ -332,6 +345,7 @@ class PRLSTM:
         dy = self._check_same(dy, logits.shape, "dy")
         return logits, self._backward(runs, dy, x.shape[0])
 
+    @_with_host_compute
     def loss_and_grads(self, x, targets, mask=None, lengths=None):
         """Softmax cross-entropy at the last ``K = targets.shape[1]`` positions.
 
