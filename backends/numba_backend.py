@@ -50,7 +50,7 @@ float32 where threadpoolctl and scipy are installed and NumPy's otherwise
 
 Memory: every buffer comes from the executor's workspace (allocated once
 per shape and reused); the few this backend needs beyond the layout (the
-weight-gradient partials) are named buffers of the same workspace.  Every
+weight-gradient partials) are its scratch (``Backend.scratch``).  Every
 allocation goes through :func:`empty_buffer`.
 """
 
@@ -306,6 +306,9 @@ class NumbaBackend(Backend):
 
     def stage(self, workspace, name, value):
         return np.ascontiguousarray(value)
+
+    def projects_in_kernel(self, inputs: int) -> bool:
+        return inputs <= self.fused_projection_max_inputs
 
     def host_compute(self):
         """The model's head and loss run with the BLAS libraries on one thread

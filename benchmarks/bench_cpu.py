@@ -305,6 +305,50 @@ class BaselineCall:
         return float(reply)
 
 
+def paired(args) -> None:
+    """Before and after, call by call: this checkout and ``--baseline`` each in
+    a child process (the same loader for both), calls alternating (old, new,
+    new, old, ...), ``--paired`` calls each per (T, mode).  Records the
+    per-pair ratios new/old: their median is robust to a machine whose speed
+    drifts within a run."""
+    cfg = QUICK if args.quick else FULL
+    reporter = Reporter(args.out)
+    reporter.emit({"kind": "machine", **machine_info()})
+    here = os.path.dirname(HERE)
+    children = {"new": start_baseline(here, args.quick),
+                "old": start_baseline(args.baseline, args.quick)}
+    lengths = [int(v) for v in args.lengths.split(",")] if args.lengths else cfg["lengths"]
+    for length in lengths:
+        for mode in ("fwd", "fwdbwd"):
+            calls = {name: BaselineCall(child, mode, length) for name, child in children.items()}
+            for call in calls.values():
+                call()  # warm-up: kernels, workspaces
+            seconds = {"old": [], "new": []}
+            for index in range(args.paired):
+                for name in (("old", "new") if index % 2 == 0 else ("new", "old")):
+                    seconds[name].append(calls[name]())
+            ratios = [new / old for old, new in zip(seconds["old"], seconds["new"])]
+            record = {"kind": "paired", "T": length, "mode": mode, "calls": args.paired,
+                      "old_median_ms": float(np.median(seconds["old"])) * 1e3,
+                      "new_median_ms": float(np.median(seconds["new"])) * 1e3,
+                      "new_over_old_median_of_pairs": float(np.median(ratios)),
+                      "new_over_old_quartiles": [float(np.percentile(ratios, 25)),
+                                                 float(np.percentile(ratios, 75))],
+                      "old_ms": [v * 1e3 for v in seconds["old"]],
+                      "new_ms": [v * 1e3 for v in seconds["new"]]}
+            reporter.emit(record)
+            reporter.progress(f"T={length} {mode}: new/old {record['new_over_old_median_of_pairs']:.3f} "
+                              f"(quartiles {record['new_over_old_quartiles'][0]:.3f}..."
+                              f"{record['new_over_old_quartiles'][1]:.3f}) over {args.paired} pairs")
+    for child in children.values():
+        child.stdin.close()
+        child.wait()
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+                       "records": reporter.records}, handle, indent=1)
+
+
 def start_baseline(source: str, quick: bool):
     command = [sys.executable, os.path.abspath(__file__), "--serve-baseline", source]
     if quick:
@@ -634,6 +678,9 @@ def main(argv=None):
     parser.add_argument("--baseline", metavar="DIR",
                         help="another checkout of treesched to time next to this one "
                              "(baseline-numba, same rounds)")
+    parser.add_argument("--paired", type=int, metavar="CALLS",
+                        help="with --baseline: only the before/after comparison, CALLS "
+                             "alternating calls of each version per (T, mode)")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -644,6 +691,11 @@ def main(argv=None):
         return
     if args.serve_baseline:
         serve_baseline(args.serve_baseline, args.quick)
+        return
+    if args.paired:
+        if not args.baseline:
+            parser.error("--paired needs --baseline DIR")
+        paired(args)
         return
     if args.quick:
         args.no_jax = args.no_jax or not args.frameworks

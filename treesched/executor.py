@@ -252,6 +252,13 @@ class Backend:
         """Run ``program`` (primitive calls only) for ``variant`` of this workspace."""
         program()
 
+    def projects_in_kernel(self, inputs: int) -> bool:
+        """True when :meth:`gated_forward` computes ``X @ weight`` inside its
+        kernel for ``X`` of this width and, without ``keep``, never touches
+        ``act``: the executor then runs the leaves in one call instead of in
+        chunks of the scratch."""
+        return False
+
     def host_compute(self):
         """A context for the caller's own array work around the passes (the
         model's head and loss): a backend may keep its threading settings
@@ -472,10 +479,15 @@ def _weights(backend, ws, cell, params):
             for layer in cell.layers}
 
 
-def _leaf_chunks(scratch, length, batch, columns):
+def _leaf_chunks(scratch, length, batch, columns, whole=False):
     """``(t0, t1, rows)``: positions in chunks whose ``(rows, columns)`` block
-    fits the flat ``scratch`` (the leaves are never held all at once)."""
+    fits the flat ``scratch`` (the leaves are never held all at once), or,
+    ``whole``, every position at once with an empty ``rows`` (a backend that
+    needs no activation buffer)."""
     flat = scratch.reshape(-1)
+    if whole:
+        yield 0, length, flat[:0].reshape(0, columns)
+        return
     step = max(1, min(length, flat.size // (columns * batch)))
     for t0 in range(0, length, step):
         t1 = min(length, t0 + step)
@@ -530,7 +542,8 @@ def _forward(backend, cell, plan, ws, weights, batch, answers):
     W, b = weights[leaf.name]
     if gated or not training:
         scratch = ws["pair"] if training or not gated else ws["act"]
-        for t0, t1, rows in _leaf_chunks(scratch, T, B, leaf.blocks * H):
+        whole = gated and backend.projects_in_kernel(ws["x_rows"].shape[1])
+        for t0, t1, rows in _leaf_chunks(scratch, T, B, leaf.blocks * H, whole):
             x_rows = ws["x_rows"][t0 * B:t1 * B]
             where, answer = plan.leaves[t0:t1], plan.leaf_answer[t0:t1]
             if gated:
