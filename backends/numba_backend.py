@@ -40,7 +40,7 @@ pass runs (:meth:`launch` wraps each pass in :class:`BlasThreads`,
 threadpoolctl): left to its own threads, a BLAS library's idle workers spin
 after each call and take the cores the next gate kernel needs.
 *Numba-threaded*: the GEMMs run on Numba's own threads, one single-threaded
-BLAS call per row block (``numba_kernels.gemm_*``), and the weight
+BLAS call per row block (``numba_kernels.gemm_rows`` / ``gemm_tn_acc``), and the weight
 gradient's K axis is split into a fixed number of blocks (``gemm_tn_acc``).
 *NumPy*: ``np.matmul`` (one BLAS thread), the bias gradient a column sum.
 ``NumbaBackend(gemm="auto")`` (the default) takes the Numba-threaded path in
@@ -120,7 +120,7 @@ class BlasThreads:
     """Limit every loaded BLAS library to one thread while a pass runs.
 
     The GEMMs run as single-threaded BLAS calls on Numba's threads
-    (``numba_kernels.gemm_*``).  Re-entrant and shared by threads: the first
+    (``numba_kernels.gemm_rows`` / ``gemm_tn_acc``).  Re-entrant and shared by threads: the first
     ``__enter__`` limits, the last ``__exit__`` restores the user's settings.
     ``available`` is False without threadpoolctl or scipy's BLAS (which
     Numba's ``np.dot`` calls); the backend then uses NumPy's multi-threaded
@@ -260,7 +260,7 @@ class NumbaBackend(Backend):
     def _project(self, X, weight, out):
         """``out = X @ weight``."""
         if self._numba_gemm(X.dtype):
-            kernels.gemm_nn(X, weight, out, self._row_blocks(*X.shape, weight.shape[1]))
+            kernels.gemm_rows(X, weight, out, self._row_blocks(*X.shape, weight.shape[1]), False)
         else:
             np.matmul(X, weight, out=out)
 
@@ -391,7 +391,7 @@ class NumbaBackend(Backend):
 
     def input_gradient(self, dA, weight, out):
         if self._numba_gemm(dA.dtype):
-            kernels.gemm_nt(dA, weight, out, self._row_blocks(*dA.shape, weight.shape[0]))
+            kernels.gemm_rows(dA, weight, out, self._row_blocks(*dA.shape, weight.shape[0]), True)
         else:
             np.matmul(dA, weight.T, out=out)
 

@@ -564,31 +564,23 @@ def accumulate_operands(d_pair, batch, targets, consumer_ptr, consumers, first_g
 # spin for a while after every call, never compete with the gate kernels for
 # the cores.  Above the BLAS library's small-matrix sizes a row of a product
 # is computed by the same micro-kernel in the same K order whatever the row
-# blocking, so ``gemm_nn`` / ``gemm_nt`` give the bits of one big GEMM; the
+# blocking, so ``gemm_rows`` gives the bits of one big GEMM; the
 # backend never cuts blocks below those sizes (``GEMM_MIN_BLOCK_WORK``).
 
 @njit(**_OPTS)
-def gemm_nn(X, W, out, blocks):
-    """``out = X @ W`` in ``blocks`` row blocks."""
+def gemm_rows(X, W, out, blocks, transpose_weight):
+    """``out = X @ W`` (``X @ W.T`` with ``transpose_weight``: the input
+    gradient) in ``blocks`` row blocks."""
     R = X.shape[0]
     step = (R + blocks - 1) // blocks
     for t in prange(blocks):
         r0 = t * step
         r1 = min(R, r0 + step)
         if r1 > r0:
-            np.dot(X[r0:r1], W, out[r0:r1])
-
-
-@njit(**_OPTS)
-def gemm_nt(dA, W, out, blocks):
-    """``out = dA @ W.T`` in ``blocks`` row blocks (the input gradient)."""
-    R = dA.shape[0]
-    step = (R + blocks - 1) // blocks
-    for t in prange(blocks):
-        r0 = t * step
-        r1 = min(R, r0 + step)
-        if r1 > r0:
-            np.dot(dA[r0:r1], W.T, out[r0:r1])
+            if transpose_weight:
+                np.dot(X[r0:r1], W.T, out[r0:r1])
+            else:
+                np.dot(X[r0:r1], W, out[r0:r1])
 
 
 @njit(**_OPTS)
@@ -635,5 +627,5 @@ KERNELS = (
     gather_pairs, copy_answers, scatter_answers, zero_locations,
     gated_forward, gated_cells, hidden_from_cells, gated_backward,
     affine_forward, relu_mask, accumulate_operands,
-    gemm_nn, gemm_nt, gemm_tn_acc,
+    gemm_rows, gemm_tn_acc,
 )

@@ -257,7 +257,7 @@ def test_gemm_path_selection(monkeypatch):
     float64; "numba" / "numpy" force one path in every dtype.  (Hidden size
     above the fused-projection limit: the merge and unary layers run GEMMs.)"""
     calls = []
-    for name in ("gemm_nn", "gemm_nt", "gemm_tn_acc"):
+    for name in ("gemm_rows", "gemm_tn_acc"):
         kernel = getattr(numba_kernels, name)
         monkeypatch.setattr(numba_kernels, name,
                             lambda *a, _k=kernel, _n=name: (calls.append(_n), _k(*a))[1])
@@ -273,7 +273,7 @@ def test_gemm_path_selection(monkeypatch):
         backend.encode_backward(cell, params, tape, (np.ones_like(states[0]), None))
         return set(calls)
 
-    every = {"gemm_nn", "gemm_nt", "gemm_tn_acc"}
+    every = {"gemm_rows", "gemm_tn_acc"}
     auto = NumbaBackend()
     assert auto.gemm == "auto"
     assert used(auto, np.float64) == set()
