@@ -408,6 +408,9 @@ class CupyBackend(Backend):
         dtype = workspace["x_rows"].dtype
         if hasattr(self.launcher, "prepare"):
             self.launcher.prepare(dtype)   # compile and create handles outside any capture
+        if variant is None:   # a one-off program: run it, never record it
+            program()
+            return
         state = workspace.launch_state
         graphs = state.setdefault("graphs", {})
         eager_runs = state.setdefault("eager_runs", {})

@@ -249,7 +249,9 @@ class Backend:
         return array.copy()
 
     def launch(self, workspace: Workspace, variant, program) -> None:
-        """Run ``program`` (primitive calls only) for ``variant`` of this workspace."""
+        """Run ``program`` (primitive calls only) for ``variant`` of this
+        workspace.  ``variant`` None: a one-off program (a chunk of a stream),
+        run once and never recorded."""
         program()
 
     def projects_in_kernel(self, inputs: int) -> bool:
@@ -410,6 +412,14 @@ class Backend:
         if hit is not None and hit[0] is plan:
             self._device_plans.move_to_end(key)
             return hit[1]
+        converted = self.convert_plan(plan)
+        self._device_plans[key] = (plan, converted)
+        while len(self._device_plans) > 256:
+            self._device_plans.popitem(last=False)
+        return converted
+
+    def convert_plan(self, plan):
+        """The plan with every table converted by :meth:`index` (not cached)."""
         tables = {name: self.index(getattr(plan, name))
                   for name in ("leaves", "leaf_answer", "answer_locations", "local",
                                "unreached")}
@@ -417,11 +427,7 @@ class Backend:
             name: self.index(getattr(level, name))
             for name in ("left", "right", "out", "answer", "targets", "consumer_ptr",
                          "consumers", "first_gradient")}) for level in plan.levels)
-        converted = dataclasses.replace(plan, levels=levels, **tables)
-        self._device_plans[key] = (plan, converted)
-        while len(self._device_plans) > 256:
-            self._device_plans.popitem(last=False)
-        return converted
+        return dataclasses.replace(plan, levels=levels, **tables)
 
 
 # ================================================================== passes
@@ -522,6 +528,28 @@ def encode(backend, cell, params, x, schedule, need_grad: bool):
     if not need_grad:
         return states, None
     return states, Tape(backend, cell, ws, batch, inputs, hidden, x.dtype)
+
+
+def run_inference(backend, cell, params, x, plan, ws):
+    """One inference pass of ``plan`` (mode "inference") on a workspace the
+    caller made, whose ``h`` (and ``c``) stores it keeps between calls: a
+    chunk of a stream (``treesched.streaming``).  ``x`` is ``(B, plan.length,
+    D)``; returns the answers, one fresh ``(B, plan.num_answers, H)`` array
+    per state.  The program runs once, never recorded (variant None)."""
+    x = backend.check_input(x)
+    if x.ndim != 3 or x.shape[1] != plan.length or x.dtype not in FLOAT_DTYPES:
+        raise TreeschedError(f"x must be a float array of shape (batch, {plan.length}, "
+                             f"features), got {getattr(x, 'shape', None)}")
+    batch, _, inputs = x.shape
+    hidden = cell.check_params(params, inputs, x.dtype)
+    device = backend.convert_plan(plan)
+    backend.load_rows(x, ws["x_rows"])
+    weights = _weights(backend, ws, cell, params)
+    shape = (batch, plan.num_answers, hidden)
+    answers = [ws.buffer(f"answer {name}", shape, x.dtype) for name in cell.state_names]
+    _launch(backend, ws, None, lambda: _forward(backend, cell, device, ws, weights, batch,
+                                                answers))
+    return tuple(backend.copy(a) for a in answers)
 
 
 def _forward(backend, cell, plan, ws, weights, batch, answers):
@@ -785,5 +813,6 @@ def _backward(backend, cell, plan, ws, weights, incoming, grads, dx_rows, batch)
                 backend.zero(array)
 
 
-__all__ = ["Backend", "Tape", "Workspace", "WorkspaceCache", "ReusedArrays", "encode", "encode_backward",
+__all__ = ["Backend", "Tape", "Workspace", "WorkspaceCache", "ReusedArrays", "encode",
+           "encode_backward", "run_inference",
            "FLOAT_DTYPES"]

@@ -130,7 +130,11 @@ class Plan:
     """Everything a pass over ``schedule`` indexes with (batch independent).
 
     Attributes:
+      schedule: the schedule it lowers (None for a plan built elsewhere, e.g.
+        one chunk of a stream, ``treesched.streaming``).
       mode: ``"training"`` or ``"inference"``.
+      length, num_merges, widest, num_answers: positions, merges, the widest
+        level's merges and the answers of one pass.
       num_locations: rows of a state store, in units of ``batch``: every node
         (training) or the live slots (inference).
       leaves: ``(T,)`` the location of leaf ``t``; ``leaf_answer`` its answer
@@ -143,8 +147,12 @@ class Plan:
       unreached: training: nodes no gradient reaches (their gradient is zero).
     """
 
-    schedule: Schedule
+    schedule: Schedule | None
     mode: str
+    length: int
+    num_merges: int
+    widest: int
+    num_answers: int
     num_locations: int
     leaves: np.ndarray
     leaf_answer: np.ndarray
@@ -153,24 +161,9 @@ class Plan:
     local: np.ndarray
     unreached: np.ndarray
 
-    @property
-    def length(self) -> int:
-        return self.schedule.length
-
-    @property
-    def num_answers(self) -> int:
-        return len(self.schedule.output_nodes)
-
-    @property
-    def num_merges(self) -> int:
-        return self.schedule.num_merges
-
-    @property
-    def widest(self) -> int:
-        return self.schedule.widest
-
     def __repr__(self):
-        return f"Plan({self.mode}, {self.schedule!r})"
+        return (f"Plan({self.mode}, length={self.length}, merges={self.num_merges}, "
+                f"levels={len(self.levels)}, locations={self.num_locations})")
 
 
 _EMPTY = _table(())
@@ -231,15 +224,17 @@ def lower(schedule: Schedule, mode: str) -> Plan:
     answer_of = _answer_of(schedule)
     length = schedule.length
     local = _table(np.arange(max(schedule.widest, 1)))
+    sizes = dict(length=length, num_merges=schedule.num_merges, widest=schedule.widest,
+                 num_answers=len(schedule.output_nodes))
     if mode == "training":
         levels, unreached = _training_levels(schedule, answer_of)
-        return Plan(schedule=schedule, mode=mode, num_locations=schedule.num_nodes,
+        return Plan(schedule=schedule, mode=mode, **sizes, num_locations=schedule.num_nodes,
                     leaves=_table(np.arange(length)), leaf_answer=_table(answer_of[:length]),
                     answer_locations=_table(schedule.output_nodes), levels=levels,
                     local=local, unreached=_table(unreached))
     slots = inference_slots(schedule)
     slot = slots.slot.astype(np.int64)
-    return Plan(schedule=schedule, mode=mode, num_locations=slots.num_slots,
+    return Plan(schedule=schedule, mode=mode, **sizes, num_locations=slots.num_slots,
                 leaves=_table(slot[:length]), leaf_answer=_table(answer_of[:length]),
                 answer_locations=_table(slot[schedule.output_nodes]),
                 levels=_inference_levels(schedule, slot, answer_of), local=local,

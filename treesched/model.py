@@ -24,6 +24,7 @@ from .interop import last_state, returned_as, to_backend_array, to_host
 from .ops import get_cell, head_backward, head_forward, head_param_shapes
 from .ops import softmax_cross_entropy
 from .backends import get_backend
+from .streaming import Stream, load_stream
 from .validation import positive_int
 
 CHECKPOINT_FORMAT = "treesched-prlstm"
@@ -404,6 +405,19 @@ class PRLSTM:
             for name, value in {**head_grads, **cell_grads}.items():
                 grads[name] += value
         return grads
+
+    # ------------------------------------------------------------- streaming
+    def stream(self, batch: int = 1) -> Stream:
+        """A :class:`treesched.streaming.Stream`: feed tokens one at a time
+        (``push``) or in chunks (``extend``), each position's logits equal to
+        :meth:`forward` on the whole sequence, in memory that grows like the
+        pattern's frontier (``O(log t)`` for odd-even).  Not for ``reduce``."""
+        return Stream(self, batch)
+
+    def load_stream(self, path) -> Stream:
+        """Continue a stream saved with ``Stream.save`` (it must have been saved
+        from this model: same configuration and weights)."""
+        return load_stream(path, self)
 
     # ----------------------------------------------------------- checkpoints
     def save(self, path) -> None:
