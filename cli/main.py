@@ -22,6 +22,7 @@ COMMANDS = {
     "tasks": "tasks_cmd",
     "train": "train_cmd",
     "eval": "eval_cmd",
+    "generate": "generate_cmd",
     "import-checkpoint": "import_cmd",
 }
 

@@ -102,3 +102,21 @@ def test_load_paper_checkpoint_from_path(tmp_path):
     (tmp_path / "bad.msgpack").write_bytes(b"\x81\xa1a")
     result = run_example("load_paper_checkpoint.py", tmp_path / "bad.msgpack")
     assert result.returncode == 1 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_char_lm_tiny(tmp_path):
+    """The language-model example end to end on its tiny settings: corpus from
+    the standard library, training, validation bits per character, a sample."""
+    result = run_example("char_lm.py", "--tiny", "--backend", "numpy", "--workdir",
+                         tmp_path / "work", "--prompt", "import ")
+    assert result.returncode == 0, result.stderr
+    corpus = (tmp_path / "work" / "corpus.txt").read_text(encoding="utf-8")
+    assert len(corpus) == 20_000 and "def " in corpus
+    bpc = float(re.search(r"validation ([0-9.]+) bits per character", result.stdout).group(1))
+    assert 0 < bpc < 10
+    sample = result.stdout.split("seed 0):\n", 1)[1]
+    assert sample.startswith("import ") and "[40 characters in" in sample
+    assert "same as: treesched train --task lm" in result.stdout
+    again = run_example("char_lm.py", "--tiny", "--backend", "numpy", "--workdir",
+                        tmp_path / "work")
+    assert again.returncode == 1 and "already exists" in again.stderr

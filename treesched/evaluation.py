@@ -23,6 +23,7 @@ import numpy as np
 from . import tasks as tasks_lib
 from .errors import TreeschedError
 from .fileio import write_text
+from .language_model import LM_TASK, VOCABULARY_FILE, Vocabulary
 from .model import PRLSTM
 from .progress import Progress
 from .validation import positive_int
@@ -119,17 +120,23 @@ def evaluate(model: PRLSTM, task, lengths, samples: int = 512, eval_batch: int =
 
 
 def load_run_model(folder, backend: str | None = None) -> tuple[PRLSTM, dict]:
-    """``(model, run_config)`` of a run folder; clear errors for anything else."""
+    """``(model, run_config)`` of a run folder (a formal task or an lm run,
+    whose sizes must be its vocabulary's); clear errors for anything else."""
     from .training import MODEL_FILE, read_run_config
     folder = Path(folder)
     run = read_run_config(folder)
     path = folder / MODEL_FILE
     if not path.is_file():
         raise TreeschedError(f"run {folder} has no checkpoint ({MODEL_FILE}) yet")
-    model = PRLSTM.load(path, backend=backend)
     task_name = run["train"].get("task")
-    task = tasks_lib.get(task_name)
-    if model.input_size != task.input_size + 1 or model.output_size != task.output_size \
+    if task_name == LM_TASK:
+        size = Vocabulary.load(folder / VOCABULARY_FILE).size
+        input_size = output_size = size
+    else:
+        task = tasks_lib.get(task_name)
+        input_size, output_size = task.input_size + 1, task.output_size
+    model = PRLSTM.load(path, backend=backend)
+    if model.input_size != input_size or model.output_size != output_size \
             or model.hidden_size != run["train"].get("hidden"):
         raise TreeschedError(f"checkpoint {path} does not belong to this run (task "
                              f"{task_name!r}, hidden {run['train'].get('hidden')})")
@@ -144,6 +151,11 @@ def evaluate_run(folder, lengths, samples: int = 512, eval_batch: int = 64, seed
     from .training import STATE_FILE, load_state
     folder = Path(folder)
     model, run = load_run_model(folder, backend)
+    if run["train"]["task"] == LM_TASK:
+        raise TreeschedError(
+            f"run {folder} is a character language model: range evaluation scores the "
+            f"formal-language tasks; its validation bits per character are logged in "
+            f"train_log.jsonl (valid_bpc), and `treesched generate` samples from it")
     task = tasks_lib.get(run["train"]["task"])
     lengths = check_lengths(task, list(lengths))
     step = None

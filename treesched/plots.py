@@ -1,4 +1,5 @@
-"""PNG plots of a run: the training curve and accuracy against test length.
+"""PNG plots of a run: the training curve (with validation, where the run
+has held-out data) and accuracy against test length.
 
 Matplotlib's object API on the Agg canvas (no pyplot, no global backend
 switch, safe without a display); files are written atomically.
@@ -39,7 +40,8 @@ def smooth(values, window: int) -> np.ndarray:
 
 
 def plot_training_curve(records, path, title: str = "") -> None:
-    """Loss (log scale) and accuracy against step from train_log.jsonl records."""
+    """Loss (log scale) and accuracy against step from train_log.jsonl records;
+    held-out losses (records with ``valid_loss``) join the loss panel."""
     steps = np.array([r["step"] for r in records], dtype=np.int64)
     loss = np.array([r["loss"] for r in records], dtype=np.float64)
     accuracy = np.array([r["accuracy"] for r in records], dtype=np.float64)
@@ -48,10 +50,15 @@ def plot_training_curve(records, path, title: str = "") -> None:
     axes_loss, axes_acc = figure.subplots(1, 2)
     axes_loss.plot(steps, loss, color="0.8", linewidth=0.6, label="logged steps")
     axes_loss.plot(steps, smooth(loss, window), color="C0", label=f"moving mean of {window}")
+    held_out = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
+    if held_out:
+        valid_steps, valid_loss = np.array(held_out, dtype=np.float64).T
+        axes_loss.plot(valid_steps, valid_loss, color="C3", marker="o", markersize=3,
+                       label="validation")
     if len(loss) and np.all(loss > 0):
         axes_loss.set_yscale("log")
     axes_loss.set_xlabel("step")
-    axes_loss.set_ylabel("training loss (cross-entropy)")
+    axes_loss.set_ylabel("loss (cross-entropy, nats)")
     axes_loss.legend(fontsize=8)
     axes_loss.grid(alpha=0.3)
     axes_acc.plot(steps, 100 * accuracy, color="0.8", linewidth=0.6)

@@ -1,13 +1,23 @@
-"""Training a PR-LSTM on a formal-language task, with exact resumption.
+"""Training a PR-LSTM, with exact resumption: on a formal-language task or
+as a character language model.
 
 Protocol (SPEC.md §4, the paper's and the public benchmark code's): every
-step draws one training length ``n`` uniformly from ``1..max_length``, a
-batch of ``batch`` sequences of that length, builds the input tape (the
-one-hot input then ``output_length(n)`` blank tokens), reads the logits at
-the last ``output_length`` positions (the schedule is compiled pruned to
-them), takes the public loss (softmax cross-entropy averaged over batch and
-output positions, no mask) and applies Adam (1e-3) after global-norm
-clipping at 1.0.
+step draws a batch from the run's *training data source*
+(:mod:`treesched.training_data`), reads the logits at the positions its
+targets cover (the schedule is compiled pruned to them), takes the public
+loss (softmax cross-entropy averaged over batch and output positions, no
+mask) and applies Adam (1e-3) after global-norm clipping at 1.0.  The
+sources:
+
+* a formal-language task (``task`` one of :func:`treesched.tasks.names`):
+  one training length ``n`` uniform in ``1..max_length`` per step, a batch
+  of that length, the input tape (the one-hot input then
+  ``output_length(n)`` blank tokens), targets at the last
+  ``output_length`` positions;
+* ``task="lm"`` with a ``corpus``: ``batch`` random windows of ``context``
+  characters, the next character as target at every position, and
+  validation bits per character every ``eval_every`` steps
+  (:mod:`treesched.language_model`).
 
 A run lives in a folder::
 
@@ -15,7 +25,10 @@ A run lives in a folder::
     model.npz          the model (PRLSTM.save), rewritten at every checkpoint
     train_state.npz    params + Adam moments + step + data-RNG state + clock
     train_log.jsonl    one line per logged step: step, loss, accuracy,
-                       length, grad_norm, seconds
+                       grad_norm, seconds, and what the source adds (the
+                       formal tasks: length; lm: bpc, and valid_loss and
+                       valid_bpc at validation steps)
+    vocabulary.json    lm only: the character vocabulary (ids of the model)
     training_curve.png at the end
 
 ``train_state.npz`` is self-contained (it holds its own copy of the
@@ -38,10 +51,12 @@ import numpy as np
 from . import tasks as tasks_lib
 from .errors import TreeschedError
 from .fileio import read_npz, write_bytes, write_text
+from .language_model import DEFAULT_CONTEXT, LM_TASK, NextCharacterData
 from .model import DTYPES, PRLSTM
 from .ops import cell_names
 from .optim import Adam
 from .progress import Progress
+from .training_data import FormalTaskData, TrainingData
 from .validation import positive_int
 
 RUN_FORMAT = "treesched-run"
@@ -56,9 +71,13 @@ LOG_FILE = "train_log.jsonl"
 CURVE_FILE = "training_curve.png"
 
 # Settings that change what is computed (a resumed run must keep them);
-# ``steps`` may grow on resume.
+# ``steps`` may grow on resume.  (An lm run's corpus is checked by content:
+# the file may move.)
 PROTOCOL_FIELDS = ("task", "hidden", "num_layers", "pattern", "cell", "dtype", "lr",
-                   "batch", "clip", "max_length", "seed")
+                   "batch", "clip", "max_length", "context", "seed")
+# Settings of one kind of run only: None elsewhere, and left out of config.json.
+KIND_FIELDS = ("max_length", "corpus", "context")
+DEFAULT_MAX_LENGTH = 40
 
 
 def default_backend() -> str:
@@ -73,6 +92,11 @@ class TrainConfig:
 
     ``steps`` defaults to 1,000,000, the training length of the
     Chomsky-hierarchy benchmark; CPU reproductions use far fewer.
+
+    ``task``: a formal-language task (then ``max_length``, default 40:
+    training lengths 1..max_length) or ``"lm"`` (then ``corpus``, a UTF-8
+    text file, and ``context``, default 128: the training window length).
+    Settings of the other kind must stay None.
     """
 
     task: str
@@ -85,18 +109,22 @@ class TrainConfig:
     lr: float = 1e-3
     batch: int = 128
     clip: float = 1.0
-    max_length: int = 40
+    max_length: int | None = None
     seed: int = 0
+    corpus: str | None = None
+    context: int | None = None
+
+    @property
+    def is_language_model(self) -> bool:
+        return self.task == LM_TASK
 
     def validate(self) -> "TrainConfig":
-        task = tasks_lib.get(self.task)
-        for name in ("steps", "hidden", "num_layers", "batch", "max_length"):
+        for name in ("steps", "hidden", "num_layers", "batch"):
             setattr(self, name, positive_int(name, getattr(self, name)))
-        if self.max_length < task.min_length:
-            raise TreeschedError(
-                f"max_length {self.max_length} is below the shortest length task "
-                f"{self.task!r} allows ({task.min_length})")
-        task.check_length(self.max_length)
+        if self.is_language_model:
+            self._validate_language_model()
+        else:
+            self._validate_formal_task()
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
                 or self.seed < 0:
             raise TreeschedError(f"seed must be an integer >= 0, got {self.seed!r}")
@@ -116,8 +144,40 @@ class TrainConfig:
         self.lr, self.clip = float(self.lr), float(self.clip)
         return self
 
+    def _validate_formal_task(self) -> None:
+        try:
+            task = tasks_lib.get(self.task)
+        except TreeschedError as error:
+            raise TreeschedError(f"{error}; or {LM_TASK} (a character language model on "
+                                 f"--corpus FILE)") from None
+        for name in ("corpus", "context"):
+            if getattr(self, name) is not None:
+                raise TreeschedError(f"{name} (--{name}) applies to --task {LM_TASK} only, not "
+                                     f"to task {self.task!r}")
+        if self.max_length is None:
+            self.max_length = DEFAULT_MAX_LENGTH
+        self.max_length = positive_int("max_length", self.max_length)
+        if self.max_length < task.min_length:
+            raise TreeschedError(
+                f"max_length {self.max_length} is below the shortest length task "
+                f"{self.task!r} allows ({task.min_length})")
+        task.check_length(self.max_length)
+
+    def _validate_language_model(self) -> None:
+        if self.corpus is None or not str(self.corpus).strip():
+            raise TreeschedError(f"task {LM_TASK!r} needs a corpus (--corpus FILE): the UTF-8 "
+                                 f"text to train on")
+        if self.max_length is not None:
+            raise TreeschedError(f"max_length (--max-length) applies to the formal-language "
+                                 f"tasks; a language model trains on windows of --context "
+                                 f"characters")
+        self.corpus = str(Path(self.corpus).expanduser().resolve())
+        self.context = positive_int("context", DEFAULT_CONTEXT if self.context is None
+                                    else self.context)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if not (name in KIND_FIELDS and value is None)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -131,6 +191,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
+    """What a run ended with; ``held_out``: the last held-out metrics (lm:
+    ``valid_loss``, ``valid_bpc``; empty for the formal tasks)."""
+
     model: PRLSTM
     step: int
     steps: int
@@ -139,6 +202,15 @@ class TrainResult:
     seconds: float
     out: Path
     stopped_early: bool = False
+    held_out: dict = dataclasses.field(default_factory=dict)
+
+
+def training_data(config: TrainConfig) -> TrainingData:
+    """The data source of a validated configuration (an lm corpus is read
+    and split here, so a bad corpus fails before anything is written)."""
+    if config.is_language_model:
+        return NextCharacterData.from_file(config.corpus, config.context)
+    return FormalTaskData(config.task, config.max_length)
 
 
 # --------------------------------------------------------------------- run io
@@ -165,21 +237,11 @@ def read_run_config(folder) -> dict:
     return data
 
 
-def _write_run_config(folder: Path, config: TrainConfig, model: PRLSTM, extra: dict) -> None:
-    task = tasks_lib.get(config.task)
-    data = {"format": RUN_FORMAT, "version": RUN_VERSION, "train": config.to_dict(),
-            "model": model.config,
-            "task": {"name": task.name, "level": task.level, "input_size": task.input_size,
-                     "output_size": task.output_size},
-            "protocol": {"curriculum": f"uniform over lengths 1..{config.max_length}, one "
-                                       f"length per step",
-                         "loss": tasks_lib.LOSS_REDUCTION,
-                         "optimizer": f"clip_by_global_norm({config.clip}) then "
-                                      f"adam({config.lr}, b1=0.9, b2=0.999, eps=1e-8)",
-                         "tape": "one-hot input + output_length blanks; read last "
-                                 "output_length positions"},
-            **extra}
-    write_text(folder / CONFIG_FILE, json.dumps(data, indent=2) + "\n")
+def _write_run_config(folder: Path, config: TrainConfig, model: PRLSTM, data: TrainingData,
+                      extra: dict) -> None:
+    document = {"format": RUN_FORMAT, "version": RUN_VERSION, "train": config.to_dict(),
+                "model": model.config, **data.description(config), **extra}
+    write_text(folder / CONFIG_FILE, json.dumps(document, indent=2) + "\n")
 
 
 def _host(value):
@@ -245,24 +307,29 @@ def _check_resume_config(stored: TrainConfig, given: TrainConfig | None) -> Trai
     if conflicts:
         raise TreeschedError("cannot resume with different settings: " + "; ".join(conflicts))
     stored.steps = given.steps
+    if given.corpus is not None:   # the same text, moved: its content is checked on resume
+        stored.corpus = given.corpus
     return stored
 
 
 def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str | None = None,
-          checkpoint_every: int = 1000, log_every: int = 10, progress: bool = True,
-          plot: bool = True, stream=None, stop_at: int | None = None,
+          checkpoint_every: int = 1000, log_every: int = 10, eval_every: int = 200,
+          progress: bool = True, plot: bool = True, stream=None, stop_at: int | None = None,
           progress_interval: float = 30.0) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in folder ``out``.
 
     Args:
       config: the protocol; with ``resume`` it may be None (the run's own) or
-        must agree with the run on everything but ``steps``.
+        must agree with the run on everything but ``steps`` (and an lm
+        run's corpus path: the text itself must be the same).
       out: the run folder (created; must not already hold a run unless
-        resuming).
+        resuming).  Bad settings or a bad corpus fail before it is created.
       backend: "numpy", "numba", "cupy"; default: numba where it works.
       checkpoint_every: write model + state every this many steps (and at
         the end).
       log_every: append a train_log.jsonl line every this many steps.
+      eval_every: held-out metrics (lm: validation bits per character) every
+        this many steps and at the end; their steps are always logged.
       stop_at: stop after this step without writing anything more, as if
         the process had been killed (for tests).
     Returns:
@@ -271,6 +338,7 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
     out = Path(out)
     checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
     log_every = positive_int("log_every", log_every)
+    eval_every = positive_int("eval_every", eval_every)
     backend = backend or default_backend()
     state_meta = state_arrays = None
     if resume:
@@ -288,6 +356,8 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
             raise TreeschedError(
                 f"nothing to resume in {out}: the run already finished step {done} of "
                 f"{config.steps}; pass a larger --steps to train further")
+        data = training_data(config)
+        data.check_resumable(out, stored)
     else:
         if config is None:
             raise TreeschedError("a training configuration is needed")
@@ -299,13 +369,13 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
                                  f"or choose another --out")
         if out.is_dir() and any(out.iterdir()):
             raise TreeschedError(f"--out {out} exists and is not empty; choose a new folder")
+        data = training_data(config)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise TreeschedError(f"cannot create {out}: {error.strerror or error}") from None
 
-    task = tasks_lib.get(config.task)
-    model = PRLSTM(task.input_size + 1, config.hidden, task.output_size,
+    model = PRLSTM(data.input_size, config.hidden, data.output_size,
                    num_layers=config.num_layers, cell=config.cell, pattern=config.pattern,
                    backend=backend, dtype=config.dtype, seed=config.seed)
     optimizer = Adam(lr=config.lr, clip=config.clip)
@@ -331,9 +401,10 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
         # drop log lines written after the checkpoint (the killed run's tail)
         kept = [r for r in read_log(out / LOG_FILE) if r.get("step", 0) <= step]
         write_text(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-        _write_run_config(out, config, model, {"backend": backend, "resumed_at": step})
+        _write_run_config(out, config, model, data, {"backend": backend, "resumed_at": step})
     else:
-        _write_run_config(out, config, model, {"backend": backend})
+        data.write_run_files(out)
+        _write_run_config(out, config, model, data, {"backend": backend})
         write_text(out / LOG_FILE, "")
 
     bar = Progress(config.steps, initial=step, label=config.task, stream=stream,
@@ -341,35 +412,39 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
     if resume:
         bar.message(f"resuming {out} at step {step} of {config.steps} (backend {backend})")
     else:
-        bar.message(f"training {config.task}: hidden {config.hidden}, {config.steps} steps, "
-                    f"batch {config.batch}, lengths 1..{config.max_length}, backend {backend} "
-                    f"-> {out}")
+        bar.message(data.start_message(config, backend, out))
     loss = acc = float("nan")
+    held_out: dict = {}
     started = time.perf_counter()
     stopped_early = False
     with open(out / LOG_FILE, "a") as log:
         while step < config.steps:
             step_started = time.perf_counter()
-            length = int(rng.integers(1, config.max_length + 1))
-            inputs, targets, mask = task.sample(rng, config.batch, length)
-            tape = tasks_lib.build_tape(inputs, targets.shape[1])
-            loss, grads, logits = model.loss_and_grads(tape, targets)
+            batch = data.draw(rng, config.batch)
+            loss, grads, logits = model.loss_and_grads(batch.x, batch.targets)
             loss = float(loss)
             if not math.isfinite(loss):
                 raise TreeschedError(f"loss became {loss} at step {step + 1}: training diverged "
                                      f"(try a smaller --lr)")
-            _, acc = tasks_lib.accuracy(_host(logits), targets, mask)
+            metrics = data.batch_metrics(loss, _host(logits), batch)
+            acc = metrics["accuracy"]
             grad_norm = optimizer.step(model.params, grads)
             step += 1
+            step_seconds = time.perf_counter() - step_started
+            evaluating = data.has_held_out and (step % eval_every == 0 or step == config.steps)
+            if evaluating:
+                held_out = data.held_out_metrics(model)
             now = time.perf_counter()
             seconds = seconds_before + (now - started)
-            if step % log_every == 0 or step == config.steps:
-                log.write(json.dumps({"step": step, "loss": loss, "accuracy": acc,
-                                      "length": length, "grad_norm": grad_norm,
-                                      "seconds": round(seconds, 4),
-                                      "step_seconds": round(now - step_started, 5)}) + "\n")
+            if step % log_every == 0 or step == config.steps or evaluating:
+                record = {"step": step, "loss": loss, **metrics, **batch.record,
+                          **(held_out if evaluating else {}), "grad_norm": grad_norm,
+                          "seconds": round(seconds, 4), "step_seconds": round(step_seconds, 5)}
+                log.write(json.dumps(record) + "\n")
                 log.flush()
-            bar.update(step, loss=loss, acc=acc)
+            shown = {"loss": loss, **{name: value for name, value in {**metrics, **held_out}.items()
+                                      if name in data.progress_fields}, "acc": acc}
+            bar.update(step, **shown)
             if step % checkpoint_every == 0 or step == config.steps:
                 log.flush()
                 os.fsync(log.fileno())
@@ -388,4 +463,4 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
                                 title=f"{config.task}: PR-LSTM hidden {config.hidden}, "
                                       f"{config.steps} steps")
     return TrainResult(model=model, step=step, steps=config.steps, loss=loss, accuracy=acc,
-                       seconds=seconds, out=out, stopped_early=stopped_early)
+                       seconds=seconds, out=out, stopped_early=stopped_early, held_out=held_out)
