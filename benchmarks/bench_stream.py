@@ -27,7 +27,10 @@ odd-even pattern, backend ``numba``.  Parts:
   without a stream: ``model.forward(x[:, :t])`` on the whole prefix (and
   ``outputs="last"``, the cheapest full re-run), t = 64 ... 4096, rounds
   interleaved.  Its time is that position's per-token cost.  The stream's
-  logits at the checkpoints are checked against it.
+  logits at the checkpoints are checked against it.  In the same rounds a
+  fresh stream, prefilled to t - W by ``extend``, is timed over its W
+  pushes up to t (``stream-interleaved``): the ">= 100x" ratio divides
+  figures measured side by side, not minutes apart.
 * ``extend``: a long prompt (4096 tokens) in one ``stream.extend`` call on
   a fresh stream against ``model.forward`` on the same tokens, interleaved
   rounds; outputs compared.
@@ -292,7 +295,8 @@ def naive_phase(reporter, cfg, model, tokens, saved, include_last=True):
     # warm: kernels, workspaces of the largest shape
     for B in cfg["batches"]:
         model.forward(prefixes[B][:, :cfg["first"]])
-    times = {}
+    times, stream_times = {}, {}
+    window = cfg["window"]
     variants = ["all"] + (["last"] if include_last else [])
     for round_index in range(cfg["naive_runs"]):
         for t in lengths:
@@ -310,6 +314,18 @@ def naive_phase(reporter, cfg, model, tokens, saved, include_last=True):
                                        "max_abs_diff": float(np.abs(got - ref).max()),
                                        "max_abs_logit": float(np.abs(ref).max())})
                     del y
+                # the stream at the same position, timed in the same round: a
+                # fresh stream prefilled to t - W, then W pushes up to t
+                stream = model.stream(batch=B)
+                if t > window:
+                    stream.extend(prefixes[B][:, :t - window])
+                pushes = []
+                for position in range(t - window, t):
+                    start = time.perf_counter()
+                    stream.push(prefixes[B][:, position])
+                    pushes.append(time.perf_counter() - start)
+                stream_times.setdefault((t, B), []).extend(pushes)
+                del stream
             reporter.progress(f"naive round {round_index + 1}/{cfg['naive_runs']}: t={t} "
                               + ", ".join(f"B={B} {np.min(times[(t, B, 'all')]) * 1e3:.1f} ms"
                                           for B in cfg["batches"]))
@@ -320,6 +336,11 @@ def naive_phase(reporter, cfg, model, tokens, saved, include_last=True):
         reporter.emit({"kind": "naive", "B": B, "t": t, "outputs": variant,
                        "median_ms": median * 1e3, "times_ms": [v * 1e3 for v in values],
                        "per_token_ms": median * 1e3})
+    for (t, B), values in sorted(stream_times.items()):
+        median = float(np.median(values))
+        medians[(t, B, "stream")] = median
+        reporter.emit({"kind": "stream-interleaved", "B": B, "t": t, "pushes": len(values),
+                       "median_ms": median * 1e3, "mean_ms": float(np.mean(values)) * 1e3})
     return medians
 
 
@@ -414,9 +435,15 @@ def summarize(reporter, cfg, records, naive):
     speedup = {}
     for B in cfg["batches"]:
         t = cfg["naive_max"]
-        if (B, t) in push and (t, B, "all") in naive:
-            stream_ms = push[(B, t)]["mean_ms"]
+        if (t, B, "stream") in naive and (t, B, "all") in naive:
+            # both timed in the same rounds (naive_phase); the push phase's
+            # window at t, measured minutes earlier, is reported beside it
+            stream_ms = naive[(t, B, "stream")] * 1e3
             entry = {"t": t, "stream_ms": stream_ms,
+                     "stream_push_phase_mean_ms": push[(B, t)]["mean_ms"] if (B, t) in push
+                     else None,
+                     "stream_push_phase_median_ms": push[(B, t)]["median_ms"]
+                     if (B, t) in push else None,
                      "naive_ms": naive[(t, B, "all")] * 1e3,
                      "naive_over_stream": naive[(t, B, "all")] * 1e3 / stream_ms}
             if (t, B, "last") in naive:

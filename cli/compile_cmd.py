@@ -9,6 +9,7 @@ import click
 import treesched
 from treesched.errors import TreeschedError
 from treesched.fileio import write_text
+from treesched.limits import MAX_BATCH, MAX_HIDDEN, MAX_LAYERS, MAX_LENGTH
 from treesched.lowering import activation_memory
 from treesched.validation import parse_int
 
@@ -65,7 +66,10 @@ def render_text(schedule: treesched.Schedule, stats: dict) -> str:
               help="float32 or float64, for the memory estimate.")
 @click.option("--num-layers", default="2", show_default=True,
               help="Merge layers (1 + unary refinements), for the memory estimate.")
-def command(length, pattern, outputs, fmt, path, batch, hidden, dtype, num_layers):
+@click.option("--force", is_flag=True,
+              help="Write over a symbolic link (replacing it), a FIFO, device or read-only "
+                   "file at the output path; refused without it.")
+def command(length, pattern, outputs, fmt, path, batch, hidden, dtype, num_layers, force):
     """Compile a sequence length into a level-wise merge schedule.
 
     \b
@@ -76,11 +80,16 @@ def command(length, pattern, outputs, fmt, path, batch, hidden, dtype, num_layer
     """
     if fmt not in ("text", "json", "dot"):
         raise TreeschedError(f"unknown format {fmt!r}; choose text, json or dot")
-    schedule = treesched.compile(parse_int(length, "length"), pattern, outputs)
+    # every option is checked before the compile, which is the slow part
+    length = parse_int(length, "length", most=MAX_LENGTH)
+    batch = parse_int(batch, "batch", most=MAX_BATCH)
+    hidden = parse_int(hidden, "hidden", most=MAX_HIDDEN)
+    num_layers = parse_int(num_layers, "num-layers", most=MAX_LAYERS)
+    if dtype not in ("float32", "float64"):
+        raise TreeschedError(f"dtype must be float32 or float64, got {dtype!r}")
+    schedule = treesched.compile(length, pattern, outputs)
     stats = schedule.stats()
-    stats["memory"] = activation_memory(schedule, parse_int(batch, "batch"),
-                                        parse_int(hidden, "hidden"), dtype,
-                                        num_layers=parse_int(num_layers, "num-layers"))
+    stats["memory"] = activation_memory(schedule, batch, hidden, dtype, num_layers=num_layers)
     if fmt == "text":
         text = render_text(schedule, stats)
     elif fmt == "json":
@@ -92,6 +101,6 @@ def command(length, pattern, outputs, fmt, path, batch, hidden, dtype, num_layer
     if path is None:
         click.echo(text, nl=False)
     else:
-        write_text(path, text)
+        write_text(path, text, replace=force)
         click.echo(f"wrote {path} ({fmt}, {schedule.num_merges} merges, depth {schedule.depth})",
                    err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from treesched.cli.train_cmd import parse_backend
+from treesched.limits import MAX_BATCH, MAX_INTERVAL, MAX_SAMPLES, MAX_SEED
 from treesched.validation import parse_int
 
 
@@ -35,15 +36,18 @@ def command(run, lengths, stride, samples, eval_batch, seed, backend, quiet):
       treesched eval runs/parity
       treesched eval runs/parity --lengths 41-500 --stride 10 --samples 128
     """
+    from treesched.distributed import world
     from treesched.evaluation import evaluate_run, parse_lengths, METRICS_FILE
 
-    wanted = parse_lengths(lengths, parse_int(stride, "--stride"))
-    samples = parse_int(samples, "--samples")
-    eval_batch = parse_int(eval_batch, "--eval-batch")
-    seed = parse_int(seed, "--seed", minimum=0)
+    wanted = parse_lengths(lengths, parse_int(stride, "--stride", most=MAX_INTERVAL))
+    samples = parse_int(samples, "--samples", most=MAX_SAMPLES)
+    eval_batch = parse_int(eval_batch, "--eval-batch", most=MAX_BATCH)
+    seed = parse_int(seed, "--seed", minimum=0, most=MAX_SEED)
     backend = parse_backend(backend)
     metrics = evaluate_run(run, wanted, samples=samples, eval_batch=eval_batch, seed=seed,
                            backend=backend, progress=not quiet)
+    if not world().is_root:   # under mpiexec: rank 0 speaks for the job
+        return
     accuracies = metrics["accuracies"]
     worst = min(range(len(accuracies)), key=accuracies.__getitem__)
     click.echo(f"{metrics['task']}: score {100 * metrics['score']:.2f}% (mean accuracy over "

@@ -7,6 +7,7 @@ import time
 import click
 
 from treesched.cli.train_cmd import parse_backend, parse_float
+from treesched.limits import MAX_FEATURES, MAX_SEED, MAX_TOKENS
 from treesched.validation import checked_int, parse_int
 
 
@@ -40,10 +41,10 @@ def command(run, prompt, tokens, temperature, top_k, seed, backend, quiet):
     """
     from treesched.generation import generate_characters, load_language_model
 
-    tokens = parse_int(tokens, "--tokens")
+    tokens = parse_int(tokens, "--tokens", most=MAX_TOKENS)
     temperature = parse_float(temperature, "--temperature")
-    top_k = parse_int(top_k, "--top-k", minimum=0)
-    seed = parse_int(seed, "--seed", minimum=0)
+    top_k = parse_int(top_k, "--top-k", minimum=0, most=MAX_FEATURES)
+    seed = parse_int(seed, "--seed", minimum=0, most=MAX_SEED)
     backend = parse_backend(backend)
     model, vocabulary, _ = load_language_model(run, backend)
     top_k = checked_int("--top-k", top_k, 0, most=vocabulary.size)

@@ -7,6 +7,7 @@ import click
 import treesched
 from treesched.compiler import validate_pattern
 from treesched.errors import TreeschedError
+from treesched.fileio import check_replaceable
 from treesched.haiku_import import load_haiku_msgpack
 
 
@@ -19,7 +20,10 @@ from treesched.haiku_import import load_haiku_msgpack
               + ". Only odd-even reproduces the paper's outputs.")
 @click.option("--dtype", default="auto", show_default=True,
               help="float32, float64, or auto (float64 only if every tensor is float64).")
-def command(file, out, pattern, dtype):
+@click.option("--force", is_flag=True,
+              help="Write over a symbolic link (replacing it), a FIFO, device or read-only "
+                   "file at the output path; refused without it.")
+def command(file, out, pattern, dtype, force):
     """Import a checkpoint written by the paper's code (JAX + Haiku).
 
     FILE holds the parameters of hk.transform(model).init(...) saved with
@@ -35,11 +39,12 @@ def command(file, out, pattern, dtype):
     if dtype not in ("auto", "float32", "float64"):
         raise TreeschedError(f"--dtype must be auto, float32 or float64, got {dtype!r}")
     validate_pattern(pattern)
+    check_replaceable(out, force)   # before the (slower) import
     found = load_haiku_msgpack(file)
     model = treesched.PRLSTM.from_haiku(found, pattern=pattern,
                                         dtype=None if dtype == "auto" else dtype,
                                         source=f"checkpoint {file}")
-    model.save(out)
+    model.save(out, replace=force)
     config = found.config
     click.echo(f"{file}: PR-{config['cell'].upper()} with input_size {config['input_size']}, "
                f"hidden_size {config['hidden_size']}, output_size {config['output_size']}, "

@@ -2,7 +2,8 @@
 
 Every command raises :class:`treesched.TreeschedError` for bad input; the
 group turns it into a one-line ``Error: …`` on stderr and exit status 1
-(click's own usage errors exit 2), never a traceback.
+(click's own usage errors exit 2), never a traceback.  A training run
+stopped by SIGINT / SIGTERM prints how to continue it and exits 130 / 143.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import click
 
 from treesched import __version__
 from treesched.errors import TreeschedError
+from treesched.interrupts import TrainingInterrupted
 
 # command name -> module in treesched.cli defining a click command ``command``
 COMMANDS = {
@@ -22,6 +24,8 @@ COMMANDS = {
     "tasks": "tasks_cmd",
     "train": "train_cmd",
     "eval": "eval_cmd",
+    "sweep": "sweep_cmd",
+    "table": "table_cmd",
     "generate": "generate_cmd",
     "import-checkpoint": "import_cmd",
 }
@@ -49,12 +53,26 @@ class TreeschedGroup(click.Group):
             raise
 
     def invoke(self, ctx):
+        from treesched.distributed import world
         try:
-            return super().invoke(ctx)
+            # under an MPI launcher every rank runs the command: an error on
+            # one rank ends them all, an error they all meet is printed once
+            with world().stop_job_on_error(passthrough=(click.exceptions.ClickException,
+                                                        click.exceptions.Exit,
+                                                        click.exceptions.Abort)):
+                return super().invoke(ctx)
         except TreeschedError as error:
             raise click.ClickException(str(error)) from None
         except MemoryError:
             raise click.ClickException("out of memory: try a smaller batch, length or hidden size") from None
+        except TrainingInterrupted as stop:
+            # not an error: the run stopped where asked and says how to go on
+            click.echo(stop.message(), err=True)
+            ctx.exit(stop.exit_status)
+        except KeyboardInterrupt:
+            # anything else interrupted (eval, parity, ...): one line, not click's "Aborted!"
+            click.echo("Error: interrupted; nothing was left half-written", err=True)
+            ctx.exit(130)
 
 
 @click.group(cls=TreeschedGroup, context_settings={"help_option_names": ["-h", "--help"]})

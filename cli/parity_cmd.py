@@ -8,6 +8,7 @@ import click
 
 from treesched.errors import TreeschedError
 from treesched.fileio import write_text
+from treesched.limits import MAX_BATCH, MAX_HIDDEN, MAX_LENGTH, MAX_SEED
 from treesched.validation import parse_int
 from treesched.parity import BATCHES, DTYPES, LENGTHS, TOLERANCES, run_parity
 
@@ -18,7 +19,8 @@ def _ints(text: str, what: str) -> tuple:
     if not all(parts):
         raise TreeschedError(f"{what} must be positive integers separated by commas, "
                              f"got {text!r}")
-    return tuple(parse_int(part, what) for part in parts)
+    most = MAX_LENGTH if what == "length" else MAX_BATCH
+    return tuple(parse_int(part, what, most=most) for part in parts)
 
 
 def _dtypes(text: str) -> tuple:
@@ -48,7 +50,10 @@ def _joined(values) -> str:
 @click.option("--verbose", "-v", is_flag=True, help="One line per compared array.")
 @click.option("--json", "json_path", default=None, metavar="FILE",
               help="Also write the full report as JSON to FILE.")
-def command(backend, dtype, length, batch, hidden, seed, verbose, json_path):
+@click.option("--force", is_flag=True,
+              help="Write over a symbolic link (replacing it), a FIFO, device or read-only "
+                   "file at the output path; refused without it.")
+def command(backend, dtype, length, batch, hidden, seed, verbose, json_path, force):
     """Compare BACKEND with the NumPy reference: outputs and every gradient.
 
     Random weights, both cells (lstm, rnn), every schedule pattern, 1-3
@@ -66,15 +71,12 @@ def command(backend, dtype, length, batch, hidden, seed, verbose, json_path):
       treesched parity --backend cupy --dtype float64 --length 200 --batch 8
     """
     dtypes = _dtypes(dtype)
-    try:
-        seed_value = parse_int(seed, "seed", minimum=0)
-    except ValueError:
-        raise TreeschedError(f"seed must be an integer, got {seed!r}") from None
+    seed_value = parse_int(seed, "--seed", minimum=0, most=MAX_SEED)
     report = run_parity(backend, dtype=dtypes, length=_ints(length, "length"),
-                        batch=_ints(batch, "batch"), hidden=parse_int(hidden, "hidden"),
+                        batch=_ints(batch, "batch"), hidden=parse_int(hidden, "hidden", most=MAX_HIDDEN),
                         seed=seed_value, progress=lambda line: click.echo(line, err=True))
     click.echo(report.format_table(verbose=verbose), nl=False)
     if json_path is not None:
-        write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+        write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n", replace=force)
     if not report.passed:
         raise SystemExit(1)

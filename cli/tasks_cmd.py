@@ -10,10 +10,7 @@ from treesched import tasks as tasks_lib
 
 LEVEL_NAMES = {"regular": "regular", "dcf": "context-free (deterministic)",
                "cs": "context-sensitive"}
-PAPER_SCORES = {"bucket_sort": 99.4, "missing_duplicate_string": 100.0,
-                "binary_multiplication": 52.9, "compute_sqrt": 56.8,
-                "duplicate_string": 54.7, "odds_first": 55.0, "binary_addition": 51.8,
-                "cycle_navigation": 100.0, "even_pairs": 100.0, "modular_arithmetic": 36.4}
+PAPER_SCORES = tasks_lib.PUBLISHED_PR_LSTM_SCORES
 
 
 def output_length_formula(task) -> str:

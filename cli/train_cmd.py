@@ -8,6 +8,8 @@ import math
 import click
 
 from treesched.errors import TreeschedError
+from treesched.limits import (MAX_BATCH, MAX_HIDDEN, MAX_INTERVAL, MAX_LAYERS, MAX_LENGTH,
+                              MAX_SEED, MAX_STEPS)
 from treesched.validation import parse_int
 
 
@@ -93,26 +95,30 @@ def command(ctx, task, corpus, context, out, steps, hidden, num_layers, pattern,
     import dataclasses
 
     from treesched.language_model import LM_TASK
+    from treesched.distributed import world
     from treesched.training import TrainConfig, read_run_config, train
 
     if out is None:
         raise TreeschedError("--out DIR is required: the run folder")
     backend = parse_backend(backend)
     settings = dict(
-        steps=parse_int(steps, "--steps"), hidden=parse_int(hidden, "--hidden"),
-        num_layers=parse_int(num_layers, "--num-layers"), pattern=pattern, cell=cell,
-        dtype=dtype, lr=parse_float(lr, "--lr", strict=True), batch=parse_int(batch, "--batch"),
-        clip=parse_float(clip, "--clip"), seed=parse_int(seed, "--seed", minimum=0))
+        steps=parse_int(steps, "--steps", most=MAX_STEPS),
+        hidden=parse_int(hidden, "--hidden", most=MAX_HIDDEN),
+        num_layers=parse_int(num_layers, "--num-layers", most=MAX_LAYERS), pattern=pattern,
+        cell=cell, dtype=dtype, lr=parse_float(lr, "--lr", strict=True),
+        batch=parse_int(batch, "--batch", most=MAX_BATCH), clip=parse_float(clip, "--clip"),
+        seed=parse_int(seed, "--seed", minimum=0, most=MAX_SEED))
     # settings of one kind of run: given or left to the configuration's default
     if max_length is not None:
-        settings["max_length"] = parse_int(max_length, "--max-length")
+        settings["max_length"] = parse_int(max_length, "--max-length", most=MAX_LENGTH)
     if context is not None:
-        settings["context"] = parse_int(context, "--context")
+        settings["context"] = parse_int(context, "--context", most=MAX_LENGTH)
     if corpus is not None:
         settings["corpus"] = corpus
-    every = parse_int(checkpoint_every, "--checkpoint-every")
-    log_every = parse_int(log_every, "--log-every")
-    eval_every = 200 if eval_every is None else parse_int(eval_every, "--eval-every")
+    every = parse_int(checkpoint_every, "--checkpoint-every", most=MAX_INTERVAL)
+    log_every = parse_int(log_every, "--log-every", most=MAX_INTERVAL)
+    eval_every = 200 if eval_every is None else parse_int(eval_every, "--eval-every",
+                                                          most=MAX_INTERVAL)
     if resume:
         stored = TrainConfig.from_dict(dict(read_run_config(out)["train"]))
         if task is not None and task != stored.task:
@@ -133,6 +139,8 @@ def command(ctx, task, corpus, context, out, steps, hidden, num_layers, pattern,
                              f"scored afterwards with `treesched eval`)")
     result = train(config, out, resume=resume, backend=backend, checkpoint_every=every,
                    log_every=log_every, eval_every=eval_every, progress=not quiet)
+    if not world().is_root:   # under mpiexec: rank 0 speaks for the job
+        return
     rate = (result.step / result.seconds) if result.seconds > 0 else float("nan")
     held_out = result.held_out
     validation = (f", validation {held_out['valid_bpc']:.4f} bits per character"

@@ -1,7 +1,7 @@
 """Import of checkpoints written by the paper's code (Haiku params saved with flax).
 
-The reference model below is written for this test with the module structure
-of the published ``src/pr_lstm/haiku/model.py`` of tristangaudreault/pr-lstm:
+The reference model (``tests/haiku_reference.py``, shared with the protocol
+test) is written for the tests with the module structure of the published ``src/pr_lstm/haiku/model.py`` of tristangaudreault/pr-lstm:
 a ``ParallelRecursive`` core whose method ``get_elems`` creates the leaf
 ``hk.Linear`` and whose method ``get_cell`` creates the ``NaryLSTM`` /
 ``NaryRNN`` cells (each ``jax.vmap``-ed over time) that
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import haiku_reference
 import treesched
 from treesched.errors import TreeschedError
 from treesched.haiku_import import decode_msgpack, load_haiku_msgpack, read_haiku_msgpack
@@ -55,101 +56,20 @@ PUBLISHED_RNN2 = {
 
 # --------------------------------------------------------- the Haiku reference
 def _haiku_reference():
-    """Import-time-free construction of the Haiku model (skips if not installed)."""
-    jax = pytest.importorskip("jax")
-    hk = pytest.importorskip("haiku")
-    serialization = pytest.importorskip("flax.serialization")
-    jnp = jax.numpy
-    jax.config.update("jax_platforms", "cpu")
+    """``(jax, build, serialization, NTR)`` from the shared reference
+    (``tests/haiku_reference.py``; skips if JAX or Haiku is not installed):
+    ``build(cell, num_layers, core)`` is the core plus read-out at D, H, O."""
+    modules = haiku_reference.paper_modules()
 
-    class NaryLSTM(hk.Module):
-        """One LSTM layer over N child states: gates [i, g, o, f_1 .. f_N]."""
+    def build(cell, num_layers, core=None):
+        return haiku_reference.readout_model(H, O, cell, num_layers, core=core)
 
-        def __init__(self, hidden_size, name=None):
-            super().__init__(name=name)
-            self.hidden_size = hidden_size
-
-        def __call__(self, *children):
-            count = len(children)
-            hiddens = jnp.concatenate([child.hidden for child in children], axis=-1)
-            blocks = jnp.split(hk.Linear((3 + count) * self.hidden_size)(hiddens), 3 + count,
-                               axis=-1)
-            input_gate, candidate, output_gate, *forgets = blocks
-            cell = jax.nn.sigmoid(input_gate) * jnp.tanh(candidate)
-            for forget, child in zip(forgets, children):
-                cell = cell + jax.nn.sigmoid(forget) * child.cell
-            hidden = jax.nn.sigmoid(output_gate) * jnp.tanh(cell)
-            return hidden, hk.LSTMState(hidden, cell)
-
-    class NaryRNN(hk.Module):
-        """relu(Linear(concat(children)))."""
-
-        def __init__(self, hidden_size, name=None):
-            super().__init__(name=name)
-            self.hidden_size = hidden_size
-
-        def __call__(self, *children):
-            hidden = jax.nn.relu(hk.Linear(self.hidden_size)(jnp.concatenate(children, axis=-1)))
-            return hidden, hidden
-
-    class ParallelRecursive(hk.Module):
-        """Leaves from get_elems, merge from get_cell, combined by an associative scan."""
-
-        def __init__(self, hidden_size, cell, num_layers, name=None):
-            super().__init__(name=name)
-            self.hidden_size, self.cell, self.num_layers = hidden_size, cell, num_layers
-
-        def __call__(self, xs):
-            merge = self.get_cell()
-            return jax.lax.associative_scan(merge, self.get_elems(xs), axis=1)
-
-        def get_cell(self):
-            # Modules built here are named "<core>/~get_cell/nary_lstm[_k]"; the
-            # first is the binary merge, the others the unary layers in order.
-            cell_type = NaryLSTM if self.cell == "lstm" else NaryRNN
-            layers = [jax.vmap(cell_type(self.hidden_size), in_axes=1, out_axes=1)
-                      for _ in range(self.num_layers)]
-
-            def merge(left, right):
-                _, state = layers[0](left, right)
-                for layer in layers[1:]:
-                    _, state = layer(state)
-                return state
-
-            return merge
-
-        def get_elems(self, xs):
-            if self.cell == "rnn":
-                return hk.Linear(self.hidden_size)(xs)
-            input_gate, candidate, output_gate = jnp.split(
-                hk.Linear(3 * self.hidden_size)(xs), 3, axis=-1)
-            cell = jax.nn.sigmoid(input_gate) * jnp.tanh(candidate)
-            return hk.LSTMState(jax.nn.sigmoid(output_gate) * jnp.tanh(cell), cell)
-
-    class NTR(ParallelRecursive):
-        """The same core under its earlier class name (pr-lstm commit 3c9b6d2)."""
-
-    def build(cell, num_layers, core=ParallelRecursive):
-        def model(x):
-            states = core(H, cell, num_layers)(x)
-            hidden = states.hidden if cell == "lstm" else states
-            return hk.Linear(O)(jax.nn.relu(hidden)), states
-
-        return hk.without_apply_rng(hk.transform(model))
-
-    return jax, build, serialization, NTR
-
-
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    return modules.jax, build, modules.serialization, modules.NTR
 
 
 def _run(jax, function, *args):
     """jit ``function`` with XLA's cheap compile settings (3x faster to build here)."""
-    try:
-        compiled = jax.jit(function).lower(*args).compile(FAST_COMPILE)
-    except Exception:  # noqa: BLE001 - an XLA without these options: default settings
-        compiled = jax.jit(function)
-    return compiled(*args)
+    return haiku_reference.run_compiled(jax, function, *args)
 
 
 @pytest.fixture(scope="module")

@@ -313,6 +313,7 @@ def test_greedy_generation_equals_the_parallel_forward(lm_run, sampling):
     for position in range(len(prompt), len(text)):
         ids = vocabulary.encode(text[:position])
         logits = model.forward(vocabulary.one_hot(ids)[None])[0, -1]
+        assert text[position] in vocabulary, (position, repr(result.stdout), repr(result.output))
         chosen = vocabulary.encode(text[position])[0]
         best = int(np.argmax(logits))
         # a flip is only acceptable between logits equal to float tolerance

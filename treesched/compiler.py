@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import functools
 import numbers
+import re
 
 import numpy as np
 
 from .errors import TreeschedError
+from .limits import MAX_LENGTH
 from .patterns import PATTERNS, MergeBuilder
-from .schedule import Schedule
+from .schedule import Schedule, requested_positions_of
 
 def normalize_outputs(outputs, length: int):
     """Validate an ``outputs`` request; return ``"all"``, ``"last"`` or an int k."""
     if isinstance(outputs, str):
         if outputs in ("all", "last"):
             return outputs
-        if outputs.strip().isdigit():
+        # ASCII digits only ("³".isdigit() is True, and int() refuses it)
+        if re.fullmatch(r"[0-9]{1,40}", outputs.strip()):
             outputs = int(outputs)
         else:
             raise TreeschedError(
@@ -41,6 +44,8 @@ def normalize_outputs(outputs, length: int):
 
 
 def validate_length(length) -> int:
+    """``length`` as an int in ``1 .. limits.MAX_LENGTH`` (an integral float
+    such as ``512.0`` is taken), else TreeschedError."""
     if isinstance(length, bool) or not isinstance(length, numbers.Integral):
         if isinstance(length, float) and length.is_integer():
             length = int(length)
@@ -49,21 +54,20 @@ def validate_length(length) -> int:
     length = int(length)
     if length < 1:
         raise TreeschedError(f"length must be a positive integer, got {length}")
+    if length > MAX_LENGTH:
+        raise TreeschedError(f"length must be at most {MAX_LENGTH} (treesched's bound on "
+                             f"sequence lengths), got {length}")
     return length
 
 
 def validate_pattern(pattern) -> str:
-    if pattern not in PATTERNS:
+    if not isinstance(pattern, str) or pattern not in PATTERNS:
         known = ", ".join(PATTERNS)
         raise TreeschedError(f"unknown pattern {pattern!r}; known patterns: {known}")
     return pattern
 
 
-def requested_positions(outputs, length: int) -> np.ndarray:
-    if outputs == "all":
-        return np.arange(length, dtype=np.int64)
-    count = 1 if outputs == "last" else outputs
-    return np.arange(length - count, length, dtype=np.int64)
+requested_positions = requested_positions_of
 
 
 def compile(length, pattern: str = "odd-even", outputs="all") -> Schedule:  # noqa: A001

@@ -32,6 +32,7 @@ import numpy as np
 from .errors import TreeschedError
 from .evaluation import load_run_model
 from .language_model import LM_TASK, VOCABULARY_FILE, Vocabulary
+from .limits import MAX_SEED, MAX_TOKENS
 from .validation import checked_int
 
 
@@ -68,8 +69,8 @@ def generate_characters(model, vocabulary: Vocabulary, prompt: str, tokens: int,
     The prompt must be non-empty (the first character is drawn from its
     last position) and made of vocabulary characters.
     """
-    tokens = checked_int("tokens", tokens, 0)
-    seed = checked_int("seed", seed, 0)
+    tokens = checked_int("tokens", tokens, 0, most=MAX_TOKENS)
+    seed = checked_int("seed", seed, 0, most=MAX_SEED)
     temperature, top_k = check_sampling(temperature, top_k, vocabulary.size)
     if model.input_size != vocabulary.size or model.output_size != vocabulary.size:
         raise TreeschedError(f"the model (input {model.input_size}, output {model.output_size}) "

@@ -73,6 +73,7 @@ gates in the order (i, g, o, forget...) of ``concat(h_l, h_r) @ w``, as SPEC.md
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,10 @@ from .ops import get_cell
 EXT_NDARRAY = 1
 EXT_COMPLEX = 2
 EXT_NPSCALAR = 3
+#: a parameter tree is a few levels deep; deeper nesting is refused before
+#: Python's recursion limit is reached
+MAX_TREE_DEPTH = 64
+MAX_ARRAY_DIMENSIONS = 32
 CHUNKED_KEY = "__msgpack_chunked_array__"
 
 # Haiku puts "~method/" into the path of a module created in a method other
@@ -156,12 +161,15 @@ def _decode_ndarray(data: bytes, where: str) -> np.ndarray:
         shape, dtype_name, buffer = msgpack.unpackb(data, raw=True)
     except Exception as error:  # noqa: BLE001 - any unpack failure is a corrupt tensor
         raise TreeschedError(f"{where}: corrupt array record ({error})") from None
-    if not (isinstance(shape, (list, tuple)) and all(isinstance(n, int) and n >= 0 for n in shape)
+    # type() is int: a bool is an int to isinstance, and no shape holds one
+    if not (isinstance(shape, (list, tuple)) and len(shape) <= MAX_ARRAY_DIMENSIONS
+            and all(type(n) is int and n >= 0 for n in shape)
             and isinstance(buffer, (bytes, bytearray))):
         raise TreeschedError(f"{where}: corrupt array record (shape {shape!r})")
     dtype = _dtype_from_name(dtype_name, where)
     shape = tuple(shape)
-    count = int(np.prod(shape, dtype=np.int64))
+    # Python integers: np.prod in int64 wraps around for (2**32, 2**32)
+    count = math.prod(shape)
     if dtype == "bfloat16":
         if len(buffer) != 2 * count:
             raise TreeschedError(f"{where}: truncated data: {len(buffer)} bytes for bfloat16 "
@@ -169,8 +177,11 @@ def _decode_ndarray(data: bytes, where: str) -> np.ndarray:
         # bfloat16 is the top half of a float32: widen exactly.
         bits = np.frombuffer(buffer, dtype="<u2").astype(np.uint32) << 16
         return bits.view(np.float32).reshape(shape)
-    if dtype.hasobject:
-        raise TreeschedError(f"{where}: object arrays are not supported")
+    if dtype.kind not in "biufc" or dtype.shape != ():
+        # objects, strings, void / structured records and sub-array dtypes
+        # hold no parameters, and sub-arrays change the element count
+        raise TreeschedError(f"{where}: arrays of dtype {dtype} are not supported (numbers "
+                             f"only)")
     if len(buffer) != dtype.itemsize * count:
         raise TreeschedError(
             f"{where}: truncated data: {len(buffer)} bytes for {dtype.name} shape {shape} "
@@ -178,39 +189,50 @@ def _decode_ndarray(data: bytes, where: str) -> np.ndarray:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def _materialize(value, where: str):
+def _materialize(value, where: str, depth: int = 0):
     """Turn ``_Ext`` leaves and chunked-array maps into NumPy arrays (recursively)."""
+    if depth > MAX_TREE_DEPTH:
+        raise TreeschedError(f"the file nests values more than {MAX_TREE_DEPTH} levels deep: "
+                             f"not a parameter tree")
     if isinstance(value, _Ext):
         if value.code == EXT_NDARRAY:
             return _decode_ndarray(value.data, where)
         if value.code == EXT_NPSCALAR:
-            return _decode_ndarray(value.data, where)[()]
+            scalar = _decode_ndarray(value.data, where)
+            if scalar.shape != ():
+                raise TreeschedError(f"{where}: corrupt scalar record (shape {scalar.shape})")
+            return scalar[()]
         if value.code == EXT_COMPLEX:
-            real, imag = _msgpack().unpackb(value.data)
-            return complex(real, imag)
+            try:
+                real, imag = _msgpack().unpackb(value.data)
+                return complex(real, imag)
+            except Exception as error:  # noqa: BLE001 - any failure is a corrupt record
+                raise TreeschedError(f"{where}: corrupt complex number record ({error})") \
+                    from None
         raise TreeschedError(f"{where}: unknown msgpack extension type {value.code}")
     if isinstance(value, dict):
         if value.get(CHUNKED_KEY) is True:
-            return _unchunk(value, where)
-        return {str(key): _materialize(item, f"{where}/{key}" if where else str(key))
+            return _unchunk(value, where, depth)
+        return {str(key): _materialize(item, f"{where}/{key}" if where else str(key), depth + 1)
                 for key, item in value.items()}
     if isinstance(value, list):
-        return [_materialize(item, f"{where}/{index}") for index, item in enumerate(value)]
+        return [_materialize(item, f"{where}/{index}", depth + 1)
+                for index, item in enumerate(value)]
     return value
 
 
-def _unchunk(value: dict, where: str) -> np.ndarray:
+def _unchunk(value: dict, where: str, depth: int) -> np.ndarray:
     try:
         shape_map, chunk_map = value["shape"], value["chunks"]
         shape = tuple(int(shape_map[str(i)]) for i in range(len(shape_map)))
-        chunks = [_materialize(chunk_map[str(i)], f"{where}/chunks/{i}")
+        chunks = [_materialize(chunk_map[str(i)], f"{where}/chunks/{i}", depth + 1)
                   for i in range(len(chunk_map))]
     except (KeyError, TypeError, ValueError, AttributeError):
         raise TreeschedError(f"{where}: corrupt chunked array record") from None
     if not chunks or not all(isinstance(chunk, np.ndarray) for chunk in chunks):
         raise TreeschedError(f"{where}: corrupt chunked array record")
     flat = np.concatenate([chunk.reshape(-1) for chunk in chunks])
-    if flat.size != int(np.prod(shape, dtype=np.int64)):
+    if any(n < 0 for n in shape) or flat.size != math.prod(shape):
         raise TreeschedError(f"{where}: chunked array holds {flat.size} values for shape {shape}")
     return flat.reshape(shape)
 

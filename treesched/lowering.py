@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import TreeschedError
+from .limits import MAX_BATCH, MAX_HIDDEN, MAX_LAYERS
 from .ops import get_cell
 from .schedule import Schedule
 from .validation import positive_int
@@ -328,9 +329,9 @@ def activation_memory(schedule: Schedule, batch: int, hidden: int, dtype="float3
     ``(batch, K, hidden)`` array per state); parameters and their gradients,
     the inputs' own copy and the logits are not counted.
     """
-    batch = positive_int("batch", batch)
-    hidden = positive_int("hidden", hidden)
-    num_layers = positive_int("num_layers", num_layers)
+    batch = positive_int("batch", batch, most=MAX_BATCH)
+    hidden = positive_int("hidden", hidden, most=MAX_HIDDEN)
+    num_layers = positive_int("num_layers", num_layers, most=MAX_LAYERS)
     item = _itemsize(dtype)
     described = get_cell(cell, num_layers)
     answers = len(described.state_names) * batch * len(schedule.output_nodes) * hidden

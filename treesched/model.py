@@ -25,7 +25,9 @@ from .ops import get_cell, head_backward, head_forward, head_param_shapes
 from .ops import softmax_cross_entropy
 from .backends import get_backend
 from .streaming import Stream, load_stream
-from .validation import positive_int
+from .memory import check_pass_fits
+from .limits import MAX_FEATURES, MAX_HIDDEN, MAX_LAYERS, MAX_SEED
+from .validation import checked_int, positive_int
 
 CHECKPOINT_FORMAT = "treesched-prlstm"
 CHECKPOINT_VERSION = 1
@@ -46,7 +48,15 @@ def haiku_linear_init(rng: np.random.Generator, shape, dtype) -> np.ndarray:
 
 
 class ParamDict(dict):
-    """The model's parameters; assignment checks the name, shape and values."""
+    """The model's parameters; every way of setting one checks the name, shape
+    and values and stores the model's own copy.
+
+    A parameter cannot be removed (``del``, ``pop``, ``popitem``, ``clear``
+    raise TreeschedError): a model always has all of them.  ``update``,
+    ``|=`` and ``setdefault`` go through the same check as ``params[name] =
+    value``; the stored array never shares memory with the caller's, so a
+    later change to the caller's array does not reach the model.
+    """
 
     def __init__(self, shapes: dict, convert):
         super().__init__()
@@ -54,22 +64,53 @@ class ParamDict(dict):
         self._convert = convert
 
     def __setitem__(self, name, value):
-        if name not in self._shapes:
+        if not isinstance(name, str) or name not in self._shapes:
             raise TreeschedError(
                 f"unknown parameter {name!r}; this model has: {', '.join(self._shapes)}")
         shape = self._shapes[name]
-        value_shape = tuple(getattr(value, "shape", np.shape(value)))
+        try:
+            value_shape = tuple(getattr(value, "shape", None) or np.shape(value))
+        except (TypeError, ValueError):
+            raise TreeschedError(f"parameter {name!r} must be an array of shape {shape}, "
+                                 f"got {type(value).__name__}") from None
         if value_shape != shape:
             raise TreeschedError(f"parameter {name!r} must have shape {shape}, got {value_shape}")
         array = self._convert(value, f"parameter {name!r}")
         super().__setitem__(name, array)
 
     def update(self, other=(), **more):
-        for name, value in dict(other, **more).items():
-            self[name] = value
+        """Set several parameters; each is checked as ``params[name] = value``.
+        Either all are set or, when one is refused, none is."""
+        try:
+            items = dict(other, **more)
+        except (TypeError, ValueError):
+            raise TreeschedError("params.update takes a mapping of parameter names to "
+                                 "arrays") from None
+        saved = dict(self)
+        try:
+            for name, value in items.items():
+                self[name] = value
+        except BaseException:
+            dict.update(self, saved)
+            raise
 
-    def __delitem__(self, name):
-        raise TreeschedError("parameters cannot be deleted")
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def __or__(self, other):
+        return {**self.numpy(), **dict(other)}
+
+    def setdefault(self, name, value=None):
+        if name not in self:
+            self[name] = value  # refused: every known name is always present
+        return self[name]
+
+    def _refuse_removal(self, *args, **options):
+        raise TreeschedError("parameters cannot be removed: a model always has all of "
+                             f"{', '.join(self._shapes)}")
+
+    __delitem__ = pop = popitem = clear = _refuse_removal
 
     def numpy(self) -> dict:
         """Host copies of every parameter, as NumPy arrays."""
@@ -77,10 +118,17 @@ class ParamDict(dict):
 
 
 def _with_host_compute(method):
-    """Run a model method inside its backend's ``host_compute`` context."""
+    """Run a model method inside its backend's ``host_compute`` context, with
+    NumPy's floating-point warnings off.
+
+    Why no warnings: values that overflow become inf / NaN in the result, and
+    the caller who cares checks them (training turns a non-finite loss or
+    gradient into one error naming the step); NumPy's ``RuntimeWarning``
+    lines would reach the user as raw noise before that error.
+    """
     @functools.wraps(method)
     def wrapped(self, *args, **options):
-        with self.backend.host_compute():
+        with self.backend.host_compute(), np.errstate(all="ignore"):
             return method(self, *args, **options)
     return wrapped
 
@@ -110,12 +158,24 @@ class PRLSTM:
     def __init__(self, input_size: int, hidden_size: int, output_size: int, num_layers: int = 2,
                  cell: str = "lstm", pattern: str = "odd-even", backend: str = "numpy",
                  dtype: str = "float32", seed: int = 0):
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size),
-                            ("output_size", output_size), ("num_layers", num_layers)):
-            positive_int(name, value)
-        dtype = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else dtype
-        if dtype not in DTYPES:
+        for name, value, most in (("input_size", input_size, MAX_FEATURES),
+                                  ("hidden_size", hidden_size, MAX_HIDDEN),
+                                  ("output_size", output_size, MAX_FEATURES),
+                                  ("num_layers", num_layers, MAX_LAYERS)):
+            positive_int(name, value, most=most)
+        seed = checked_int("seed", seed, 0, most=MAX_SEED)
+        try:
+            dtype = np.dtype(dtype).name if isinstance(dtype, (type, np.dtype)) else dtype
+        except TypeError:
+            raise TreeschedError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}") \
+                from None
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise TreeschedError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if not isinstance(cell, str):
+            raise TreeschedError(f"cell must be a name (lstm or rnn), got {cell!r}")
+        if not isinstance(backend, str):
+            raise TreeschedError(f"backend must be a name (numpy, numba or cupy), got "
+                                 f"{backend!r}")
         self.input_size, self.hidden_size = int(input_size), int(hidden_size)
         self.output_size, self.num_layers = int(output_size), int(num_layers)
         self.cell_name, self.pattern, self.dtype = cell, validate_pattern(pattern), dtype
@@ -167,7 +227,9 @@ class PRLSTM:
         array = self._as_backend_array(value, what)
         if not bool(self.xp.isfinite(array).all()):
             raise TreeschedError(f"{what} contains NaN or infinity")
-        return array
+        # the model's own copy: a caller later writing into the array it
+        # passed (NaN, another run's weights) must not reach the model
+        return array.copy()
 
     # ------------------------------------------------------------ validation
     def _as_backend_array(self, value, what):
@@ -264,6 +326,10 @@ class PRLSTM:
         """Encode every group; returns [(rows, states, tape, valid_mask)]."""
         runs = []
         for rows, xs, schedule in self._groups(x, lengths, outputs):
+            # refuse before the workspace is allocated, not in the middle of it
+            check_pass_fits(self, schedule, len(rows), need_grad,
+                            what="a forward+backward pass" if need_grad else "a forward pass",
+                            release=self.backend.clear)
             states, tape = self.backend.encode(self.cell, self._params, xs, schedule, need_grad)
             valid = None
             if lengths is not None and len(rows) == x.shape[0]:
@@ -420,12 +486,20 @@ class PRLSTM:
         return load_stream(path, self)
 
     # ----------------------------------------------------------- checkpoints
-    def save(self, path) -> None:
-        """Write params and configuration to one ``.npz``, atomically."""
+    def save(self, path, *, replace: bool = False, metadata: dict | None = None) -> None:
+        """Write params and configuration to one ``.npz``, atomically.
+
+        ``replace``: also write over a symbolic link, special or read-only
+        file (refused otherwise, :func:`treesched.fileio.atomic_open`).
+        ``metadata``: JSON-able facts stored with the configuration under
+        ``"metadata"`` (a training run records its run id and step there).
+        """
         config = dict(self.config, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+        if metadata is not None:
+            config["metadata"] = metadata
         buffer = io.BytesIO()
         np.savez(buffer, __config__=np.array(json.dumps(config)), **self._params.numpy())
-        write_bytes(path, buffer.getvalue())
+        write_bytes(path, buffer.getvalue(), replace=replace)
 
     @classmethod
     def from_haiku(cls, found: HaikuImport, *, pattern: str = "odd-even", backend: str = "numpy",

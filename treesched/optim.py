@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .errors import TreeschedError
+from .errors import DivergenceError, TreeschedError
 from .ops import array_module
 
 
@@ -41,9 +41,10 @@ def clip_by_global_norm(grads: dict, max_norm: float) -> tuple[dict, float]:
 
     ``max_norm <= 0`` or ``None`` disables clipping (the norm is still returned).
     """
-    norm = global_norm(grads)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported just below
+        norm = global_norm(grads)
     if not math.isfinite(norm):
-        raise TreeschedError(f"gradient norm is {norm}: training diverged")
+        raise DivergenceError(f"gradient norm is {norm}: training diverged")
     if max_norm is None or max_norm <= 0 or norm < max_norm:
         return dict(grads), norm
     clipped = {}
@@ -121,9 +122,18 @@ class Adam:
     def step(self, params, grads: dict) -> float:
         """Apply one update to ``params`` in place (``params[name] = p + u``);
         returns the global gradient norm before clipping."""
-        updates, norm = self.updates(grads)
-        for name, update in updates.items():
-            params[name] = params[name] + update
+        # Every new value is computed and checked before any is assigned, so a
+        # refused update leaves the parameters as they were.  (The moments
+        # have moved by then: a diverged run continues from its checkpoint.)
+        with np.errstate(over="ignore", invalid="ignore"):   # checked just below
+            updates, norm = self.updates(grads)
+            updated = {name: params[name] + update for name, update in updates.items()}
+        for name, value in updated.items():
+            if not bool(array_module(value).isfinite(value).all()):
+                raise DivergenceError(f"the update made parameter {name!r} non-finite "
+                                      f"(gradient norm {norm:.4g}): training diverged")
+        for name, value in updated.items():
+            params[name] = value
         return norm
 
     # ------------------------------------------------------------------ state

@@ -11,16 +11,26 @@ directly by its right operand's.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
 from .errors import TreeschedError
-from .patterns import PREFIX_STABLE
+from .limits import MAX_LENGTH
+from .patterns import PATTERNS, PREFIX_STABLE
 
 JSON_FORMAT = "treesched-schedule"
 JSON_VERSION = 1
+
+
+def requested_positions_of(outputs, length: int) -> np.ndarray:
+    """The positions an outputs request (``"all"``, ``"last"``, k) reads, ascending."""
+    if outputs == "all":
+        return np.arange(length, dtype=np.int64)
+    count = 1 if outputs == "last" else outputs
+    return np.arange(length - count, length, dtype=np.int64)
 
 
 def _frozen(values, dtype=np.int32) -> np.ndarray:
@@ -116,6 +126,8 @@ class Schedule:
     # ----------------------------------------------------------------- levels
     def level_step(self, index: int) -> Level:
         """The batched step of merge level ``index`` (1-based)."""
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+            raise TreeschedError(f"level must be an integer in 1..{self.depth}, got {index!r}")
         if not 1 <= index <= self.depth:
             raise TreeschedError(f"level {index} is outside 1..{self.depth}")
         first, last = self.level_offsets[index], self.level_offsets[index + 1]
@@ -130,10 +142,18 @@ class Schedule:
 
     # -------------------------------------------------------------- structure
     def tree(self, node: int):
-        """The nested ``(left, right)`` tree of a node, leaves as positions."""
+        """The nested ``(left, right)`` tree of a node id in ``0 .. num_nodes - 1``,
+        leaves as positions (negative ids are refused, not counted from the end)."""
+        if isinstance(node, bool) or not isinstance(node, numbers.Integral) \
+                or not 0 <= node < self.num_nodes:
+            raise TreeschedError(f"node must be an integer id in 0..{self.num_nodes - 1}, "
+                                 f"got {node!r}")
+        return self._tree(int(node))
+
+    def _tree(self, node: int):
         if self.left[node] < 0:
             return int(node)
-        return (self.tree(int(self.left[node])), self.tree(int(self.right[node])))
+        return (self._tree(int(self.left[node])), self._tree(int(self.right[node])))
 
     def answer(self, position: int) -> int:
         """The node answering ``position`` (must be a requested position)."""
@@ -233,17 +253,34 @@ class Schedule:
         if document.get("version") != JSON_VERSION:
             raise TreeschedError(f"unsupported schedule JSON version {document.get('version')!r}")
         try:
-            length = int(document["length"])
-            count = len(document["left"])
-            arrays = {name: np.asarray(document[name], np.int64).reshape(count)
-                      for name in ("left", "right", "level", "start", "stop")}
-            positions = np.asarray(document["output_positions"], np.int64).reshape(-1)
-            nodes = np.asarray(document["output_nodes"], np.int64).reshape(-1)
+            length = document["length"]
             pattern, outputs = document["pattern"], document["outputs"]
-        except (KeyError, ValueError, TypeError) as error:
-            raise TreeschedError(f"malformed schedule JSON: {error!r}") from None
-        if length < 1:
-            raise TreeschedError("malformed schedule JSON: length must be positive")
+            lists = {name: document[name] for name in ("left", "right", "level", "start",
+                                                       "stop", "output_positions",
+                                                       "output_nodes")}
+        except KeyError as error:
+            raise TreeschedError(f"malformed schedule JSON: no {error}") from None
+        # JSON numbers only (no "9" strings, no bools); ids within int32,
+        # which the schedule stores them in, so none wraps around
+        if type(length) is not int or not 1 <= length <= MAX_LENGTH:
+            raise TreeschedError(f"malformed schedule JSON: length must be an integer in "
+                                 f"1..{MAX_LENGTH}, got {length!r}")
+        if not isinstance(pattern, str) or pattern not in PATTERNS:
+            raise TreeschedError(f"malformed schedule JSON: unknown pattern {pattern!r}")
+        if not (outputs in ("all", "last") or (type(outputs) is int and 1 <= outputs <= length)):
+            raise TreeschedError(f"malformed schedule JSON: outputs must be 'all', 'last' or "
+                                 f"an integer in 1..{length}, got {outputs!r}")
+        for name, values in lists.items():
+            if not isinstance(values, list) or not all(
+                    type(value) is int and -1 <= value < 2 ** 31 for value in values):
+                raise TreeschedError(f"malformed schedule JSON: {name} must be a list of "
+                                     f"integer node ids or positions")
+        count = len(lists["left"])
+        if any(len(lists[name]) != count for name in ("right", "level", "start", "stop")) \
+                or len(lists["output_positions"]) != len(lists["output_nodes"]):
+            raise TreeschedError("malformed schedule JSON: per-merge lists of different lengths")
+        arrays = {name: np.asarray(values, np.int64) for name, values in lists.items()}
+        positions, nodes = arrays["output_positions"], arrays["output_nodes"]
         leaves = np.arange(length)
         schedule = cls(
             length=length, pattern=pattern, outputs=outputs,
@@ -256,6 +293,12 @@ class Schedule:
         )
         if np.any(nodes < 0) or np.any(nodes >= schedule.num_nodes):
             raise TreeschedError("invalid schedule: output node out of range")
+        if np.any(positions < 0) or np.any(positions >= length):
+            raise TreeschedError("invalid schedule: output position out of range")
+        expected = requested_positions_of(outputs, length)
+        if not np.array_equal(positions, expected):
+            raise TreeschedError(f"invalid schedule: output positions do not match "
+                                 f"outputs={outputs!r}")
         return schedule.validate()
 
     def label(self, node: int) -> str:

@@ -251,6 +251,11 @@ def generator_for(pattern: str):
 
 
 # ==================================================================== stream
+#: rows (of ``batch x hidden`` per state) a stream's stores keep once grown:
+#: room for odd-even's live states and one push's new nodes up to t ~ 2**20
+STORE_ROWS_KEPT = 64
+
+
 class Stream:
     """A model's running prefix: feed tokens with :meth:`push` / :meth:`extend`.
 
@@ -322,24 +327,26 @@ class Stream:
             raise TreeschedError("x_chunk contains NaN or infinity")
         x = x.astype(model.dtype, copy=False)
         generator_state, next_id = json.dumps(self._generator.state()), self._next_id
-        try:
-            plan, new_slots, merges = self._lower_chunk(x.shape[1])
-            with model.backend.host_compute():
+        # the head runs inside host_compute too: a multi-threaded BLAS call on
+        # the host would leave its workers spinning against the backend's threads
+        with model.backend.host_compute():
+            try:
+                plan, new_slots, merges = self._lower_chunk(x.shape[1])
                 answers = run_inference(model.backend, model.cell, model.params, x, plan,
                                         self._workspace(plan, x.shape[2], x.dtype))
-        except BaseException:
-            # nothing was consumed: the pattern state goes back to where it was
-            self._generator = type(self._generator).from_state(json.loads(generator_state))
-            self._next_id = next_id
-            raise
-        self._slots = new_slots
-        self.position += x.shape[1]
-        self.merges += merges
-        self._last_state = tuple(state[:, -1].copy() for state in answers)
-        self._compact()
-        h = answers[0]
-        logits, _ = head_forward(model.params, h if not return_state else h.copy(),
-                                 need_cache=False, overwrite_input=True)
+            except BaseException:
+                # nothing was consumed: the pattern state goes back to where it was
+                self._generator = type(self._generator).from_state(json.loads(generator_state))
+                self._next_id = next_id
+                raise
+            self._slots = new_slots
+            self.position += x.shape[1]
+            self.merges += merges
+            self._last_state = tuple(state[:, -1].copy() for state in answers)
+            self._compact()
+            h = answers[0]
+            logits, _ = head_forward(model.params, h if not return_state else h.copy(),
+                                     need_cache=False, overwrite_input=True)
         return (logits, answers) if return_state else logits
 
     def state(self):
@@ -461,11 +468,14 @@ class Stream:
 
     def _compact(self):
         """Give back what a wide chunk needed: the stores shrink to the live
-        states (and some room) when they are much larger."""
+        states (and some room) when they are much larger.  They never shrink
+        below ``STORE_ROWS_KEPT`` rows: a token-by-token stream then keeps its
+        stores for good (a push needs the live states plus about log2 t new
+        nodes), instead of reallocating them every few pushes."""
         live = len(self._slots)
-        if self._capacity <= max(64, 4 * live):
+        if self._capacity <= max(STORE_ROWS_KEPT, 4 * live):
             return
-        capacity = max(8, 2 * live)
+        capacity = max(STORE_ROWS_KEPT, 2 * live)
         stores = self._new_stores(capacity, np.dtype(self.model.dtype))
         nodes = list(self._slots)
         if nodes:

@@ -39,6 +39,7 @@ and, on the same backend, ends bitwise-identical to an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -49,15 +50,23 @@ from pathlib import Path
 import numpy as np
 
 from . import tasks as tasks_lib
-from .errors import TreeschedError
-from .fileio import read_npz, write_bytes, write_text
+from .distributed import ProcessGroup, world
+from .errors import DivergenceError, TreeschedError
+from .fileio import read_npz, remove_orphan_temporaries, write_bytes, write_text
+from .interrupts import DeferredInterrupts, TrainingInterrupted
 from .language_model import DEFAULT_CONTEXT, LM_TASK, NextCharacterData
+from .memory import check_pass_fits
 from .model import DTYPES, PRLSTM
 from .ops import cell_names
 from .optim import Adam
 from .progress import Progress
+from .runfolder import (check_state_belongs, describe_torn_lines, new_run_id,
+                        read_log_records)
+from .runlock import LOCK_FILE, RunLock, command_line
 from .training_data import FormalTaskData, TrainingData
-from .validation import positive_int
+from .limits import (MAX_BATCH, MAX_HIDDEN, MAX_INTERVAL, MAX_LAYERS, MAX_LENGTH, MAX_SEED,
+                     MAX_STEPS)
+from .validation import checked_int, positive_int
 
 RUN_FORMAT = "treesched-run"
 RUN_VERSION = 1
@@ -119,16 +128,14 @@ class TrainConfig:
         return self.task == LM_TASK
 
     def validate(self) -> "TrainConfig":
-        for name in ("steps", "hidden", "num_layers", "batch"):
-            setattr(self, name, positive_int(name, getattr(self, name)))
+        for name, most in (("steps", MAX_STEPS), ("hidden", MAX_HIDDEN),
+                           ("num_layers", MAX_LAYERS), ("batch", MAX_BATCH)):
+            setattr(self, name, positive_int(name, getattr(self, name), most=most))
         if self.is_language_model:
             self._validate_language_model()
         else:
             self._validate_formal_task()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) \
-                or self.seed < 0:
-            raise TreeschedError(f"seed must be an integer >= 0, got {self.seed!r}")
-        self.seed = int(self.seed)
+        self.seed = checked_int("seed", self.seed, 0, most=MAX_SEED)
         if self.dtype not in DTYPES:
             raise TreeschedError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.cell, str) or self.cell.lower() not in cell_names():
@@ -156,7 +163,7 @@ class TrainConfig:
                                      f"to task {self.task!r}")
         if self.max_length is None:
             self.max_length = DEFAULT_MAX_LENGTH
-        self.max_length = positive_int("max_length", self.max_length)
+        self.max_length = positive_int("max_length", self.max_length, most=MAX_LENGTH)
         if self.max_length < task.min_length:
             raise TreeschedError(
                 f"max_length {self.max_length} is below the shortest length task "
@@ -173,7 +180,7 @@ class TrainConfig:
                                  f"characters")
         self.corpus = str(Path(self.corpus).expanduser().resolve())
         self.context = positive_int("context", DEFAULT_CONTEXT if self.context is None
-                                    else self.context)
+                                    else self.context, most=MAX_LENGTH)
 
     def to_dict(self) -> dict:
         return {name: value for name, value in dataclasses.asdict(self).items()
@@ -250,11 +257,13 @@ def _host(value):
 
 
 def save_state(path, model: PRLSTM, optimizer: Adam, step: int, rng: np.random.Generator,
-               seconds: float, config: TrainConfig) -> None:
-    """Everything stateful of a run, atomically, in one ``.npz``."""
+               seconds: float, config: TrainConfig, run_id: str | None = None) -> None:
+    """Everything stateful of a run, atomically, in one ``.npz`` (with the
+    run's id, :mod:`treesched.runfolder`)."""
     meta = {"format": STATE_FORMAT, "version": STATE_VERSION, "step": int(step),
             "seconds": float(seconds), "rng": rng.bit_generator.state,
-            "train": config.to_dict(), "optimizer": optimizer.hyperparameters()}
+            "train": config.to_dict(), "optimizer": optimizer.hyperparameters(),
+            "run_id": run_id}
     state = optimizer.state_dict()
     meta["count"] = state["count"]
     arrays = {"__meta__": np.array(json.dumps(meta))}
@@ -284,21 +293,67 @@ def load_state(path) -> tuple[dict, dict]:
 
 
 def read_log(path) -> list[dict]:
-    """Records of a ``train_log.jsonl`` (a torn last line is ignored)."""
-    records = []
+    """Records of a ``train_log.jsonl``; torn or corrupt lines, anywhere, are
+    skipped (:func:`treesched.runfolder.read_log_records` also says which)."""
+    return read_log_records(path)[0]
+
+
+def write_checkpoint(out: Path, model: PRLSTM, optimizer: Adam, step: int,
+                     rng: np.random.Generator, seconds: float, config: TrainConfig,
+                     run_id: str | None) -> None:
+    """The checkpoint of ``step``: ``train_state.npz`` first (the checkpoint
+    itself, self-contained), then ``model.npz`` tagged with the same run id
+    and step; see :mod:`treesched.runfolder` for why in this order."""
+    save_state(out / STATE_FILE, model, optimizer, step, rng, seconds, config, run_id)
+    model.save(out / MODEL_FILE, metadata={"run_id": run_id, "step": int(step)})
+
+
+def checkpoint_step(folder) -> int | None:
+    """The step of a run folder's ``train_state.npz`` (None: none, or unreadable)."""
     try:
-        with open(path) as stream:
-            for line in stream:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-    except FileNotFoundError:
-        return []
-    return records
+        return int(load_state(Path(folder) / STATE_FILE)[0]["step"])
+    except (TreeschedError, KeyError, TypeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------- training
+def train_step(model: PRLSTM, optimizer: Adam, batch, step: int,
+               group: ProcessGroup | None = None):
+    """One training step of :func:`train` on one drawn batch, updating ``model.params``.
+
+    The loss and gradients of ``model.loss_and_grads(batch.x, batch.targets)``
+    (softmax cross-entropy at the batch's target positions, averaged over
+    batch and positions, no mask), then ``optimizer.step``: global-norm
+    clipping and Adam, applied to ``model.params`` in place.  ``step`` is
+    the 1-based number of this step, used only to name it in an error.
+
+    With a ``group`` of several ranks (:mod:`treesched.distributed`), every
+    rank passes the same global batch and the ranks compute the loss and
+    gradients together, each on its rows
+    (:meth:`~treesched.distributed.ProcessGroup.data_parallel_loss_and_grads`:
+    gradients summed in rank order, the same on every rank).
+
+    Returns ``(loss, grad_norm, logits)``: the loss before the update (a
+    float), the global gradient norm before clipping, and the logits of the
+    batch (backend arrays, computed with the parameters before the update;
+    with several ranks: host arrays on rank 0, None on the others).
+    Raises TreeschedError if the loss is not finite (nothing is updated).
+    """
+    if group is None:
+        loss, grads, logits = model.loss_and_grads(batch.x, batch.targets)
+    else:
+        loss, grads, logits = group.data_parallel_loss_and_grads(model, batch)
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise DivergenceError(f"loss became {loss} at step {step}: training diverged "
+                              f"(try a smaller --lr)")
+    try:
+        grad_norm = optimizer.step(model.params, grads)
+    except DivergenceError as error:
+        raise DivergenceError(f"at step {step}: {error} (try a smaller --lr)") from None
+    return loss, grad_norm, logits
+
+
 def _check_resume_config(stored: TrainConfig, given: TrainConfig | None) -> TrainConfig:
     if given is None:
         return stored
@@ -312,10 +367,117 @@ def _check_resume_config(stored: TrainConfig, given: TrainConfig | None) -> Trai
     return stored
 
 
+def _check_training_memory(model: PRLSTM, config: TrainConfig) -> None:
+    """Refuse a run whose longest training step cannot fit in memory, before
+    anything is written (:func:`treesched.memory.check_pass_fits`)."""
+    if config.is_language_model:
+        length = outputs = config.context
+    else:
+        task = tasks_lib.get(config.task)
+        outputs = task.output_length(config.max_length)
+        length = task.input_length(config.max_length) + outputs
+    schedule = model.schedule(length, "all" if outputs == length else outputs)
+    check_pass_fits(model, schedule, config.batch, need_grad=True,
+                    what=f"the longest training step (input tape of {length} positions)",
+                    release=model.backend.clear)
+
+
+def _model_step(folder: Path) -> int | None:
+    """The step ``model.npz`` of a run folder says it holds (None: unknown)."""
+    from .model import read_checkpoint
+    try:
+        metadata = read_checkpoint(folder / MODEL_FILE)[1].get("metadata")
+    except TreeschedError:
+        return None
+    return metadata.get("step") if isinstance(metadata, dict) else None
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass   # not empty (or gone): it holds something we did not create
+
+
+def _exclusive_run_folder(train_function):
+    """Run ``train_function`` holding the run folder's lock, with deferred
+    SIGINT / SIGTERM (:mod:`treesched.runlock`, :mod:`treesched.interrupts`).
+
+    A fresh run's folder is created first (so it can be locked) and removed
+    again if the run fails before writing anything into it.  Under the
+    lock, temporary files a killed write left behind are deleted.  Ranks
+    other than 0 of a data-parallel group write nothing and take no lock.
+    """
+    @functools.wraps(train_function)
+    def wrapped(config, out, *, resume: bool = False, group: ProcessGroup | None = None,
+                **options):
+        out = Path(out)
+        if not (world() if group is None else group).is_root:
+            return train_function(config, out, resume=resume, group=group, **options)
+        created = False
+        if not resume:
+            if out.exists() and not out.is_dir():
+                raise TreeschedError(f"--out {out} exists and is not a folder")
+            created = not out.exists()
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise TreeschedError(f"cannot create {out}: {error.strerror or error}") \
+                    from None
+        elif not out.is_dir():
+            read_run_config(out)   # the one message for a missing or wrong folder
+        lock = RunLock(out, command_line())
+        succeeded = False
+        try:
+            lock.acquire()
+            if lock.taken_over:
+                _say(f"note: took over the lock of {out} left by a process that is no longer "
+                     f"running (PID {lock.taken_over.get('pid', '?')} on host "
+                     f"{lock.taken_over.get('host', '?')}, started "
+                     f"{lock.taken_over.get('started', '?')})")
+            removed = remove_orphan_temporaries(out)
+            if removed:
+                _say(f"note: removed {len(removed)} temporary file(s) a killed write left in "
+                     f"{out}: {', '.join(removed)}")
+            with DeferredInterrupts(_notice_interrupt) as interrupts:
+                try:
+                    result = train_function(config, out, resume=resume, group=group,
+                                            interrupts=interrupts, **options)
+                except TrainingInterrupted as stop:
+                    stop.out = out
+                    if stop.checkpoint_step is None:
+                        stop.checkpoint_step = checkpoint_step(out)
+                    raise
+            succeeded = True
+            return result
+        finally:
+            lock.release()
+            if created and not succeeded:
+                _remove_if_empty(out)
+
+    return wrapped
+
+
+def _say(line: str) -> None:
+    """One line on stderr (notes about the run folder, not progress)."""
+    import sys
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _notice_interrupt(signal_number: int) -> None:
+    import signal
+    name = signal.Signals(signal_number).name
+    _say(f"\n{name}: stopping after the current step and writing a checkpoint (send it "
+         f"again to stop at once)")
+
+
+@_exclusive_run_folder
 def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str | None = None,
           checkpoint_every: int = 1000, log_every: int = 10, eval_every: int = 200,
           progress: bool = True, plot: bool = True, stream=None, stop_at: int | None = None,
-          progress_interval: float = 30.0) -> TrainResult:
+          progress_interval: float = 30.0, group: ProcessGroup | None = None,
+          interrupts: DeferredInterrupts | None = None) -> TrainResult:
     """Train (or, with ``resume``, continue) a run in folder ``out``.
 
     Args:
@@ -332,26 +494,46 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
         this many steps and at the end; their steps are always logged.
       stop_at: stop after this step without writing anything more, as if
         the process had been killed (for tests).
+      interrupts: set by the wrapper that holds the run folder's lock: once
+        it records SIGINT / SIGTERM, the current step finishes, a checkpoint
+        is written and :class:`treesched.interrupts.TrainingInterrupted` is
+        raised (``exit_status`` 130 / 143).  The folder is locked for the
+        whole call (:class:`treesched.runlock.RunLock`); a second writer is
+        refused with :class:`treesched.runlock.RunFolderBusy`.
+      group: the ranks that train together, data-parallel
+        (:mod:`treesched.distributed`); default
+        :func:`treesched.distributed.world`: every process an MPI launcher
+        started, else this process alone.  Every rank calls ``train`` with
+        the same arguments; all read the run folder (on a resume), rank 0
+        alone writes it and shows progress.  The run is the 1-process run
+        to float32 rounding, whatever the number of ranks, and its
+        checkpoints resume with any number of ranks.
     Returns:
-      a :class:`TrainResult`.
+      a :class:`TrainResult` (the same on every rank, but ``accuracy``:
+      rank 0's; NaN on the others).
     """
     out = Path(out)
-    checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
-    log_every = positive_int("log_every", log_every)
-    eval_every = positive_int("eval_every", eval_every)
+    group = world() if group is None else group
+    checkpoint_every = positive_int("checkpoint_every", checkpoint_every, most=MAX_INTERVAL)
+    log_every = positive_int("log_every", log_every, most=MAX_INTERVAL)
+    eval_every = positive_int("eval_every", eval_every, most=MAX_INTERVAL)
     backend = backend or default_backend()
     state_meta = state_arrays = None
+    torn_log_lines = ""
     if resume:
         stored = read_run_config(out)
-        if not (out / STATE_FILE).is_file():
-            raise TreeschedError(f"nothing to resume in {out}: it has no checkpoint "
-                                 f"({STATE_FILE}) yet")
         config = _check_resume_config(TrainConfig.from_dict(dict(stored["train"])),
                                       config.validate() if config is not None else None)
-        state_meta, state_arrays = load_state(out / STATE_FILE)
-        if state_meta.get("train", {}).get("task") != config.task:
-            raise TreeschedError(f"{out / STATE_FILE} belongs to another run")
-        done = int(state_meta["step"])
+        run_id = stored.get("run_id") or new_run_id()
+        done = 0   # a run stopped before its first checkpoint starts again from step 0
+        if (out / STATE_FILE).is_file():
+            state_meta, state_arrays = load_state(out / STATE_FILE)
+            check_state_belongs(state_meta, stored, out / STATE_FILE, PROTOCOL_FIELDS)
+            try:
+                done = int(state_meta["step"])
+            except (KeyError, TypeError, ValueError):
+                raise TreeschedError(f"{out / STATE_FILE} is incomplete or corrupt: it has no "
+                                     f"step") from None
         if done >= config.steps:
             raise TreeschedError(
                 f"nothing to resume in {out}: the run already finished step {done} of "
@@ -365,25 +547,26 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
         if out.exists() and not out.is_dir():
             raise TreeschedError(f"--out {out} exists and is not a folder")
         if (out / CONFIG_FILE).exists():
-            raise TreeschedError(f"{out} already holds a run: use --resume to continue it, "
-                                 f"or choose another --out")
-        if out.is_dir() and any(out.iterdir()):
+            unstarted = "" if (out / STATE_FILE).exists() else \
+                " (it stopped before its first checkpoint: --resume starts it again)"
+            raise TreeschedError(f"{out} already holds a run{unstarted}: use --resume to "
+                                 f"continue it, or choose another --out")
+        # the lock file is this process's own (train holds the folder's lock)
+        if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()):
             raise TreeschedError(f"--out {out} exists and is not empty; choose a new folder")
+        run_id = new_run_id()
         data = training_data(config)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise TreeschedError(f"cannot create {out}: {error.strerror or error}") from None
 
     model = PRLSTM(data.input_size, config.hidden, data.output_size,
                    num_layers=config.num_layers, cell=config.cell, pattern=config.pattern,
                    backend=backend, dtype=config.dtype, seed=config.seed)
+    _check_training_memory(model, config)
     optimizer = Adam(lr=config.lr, clip=config.clip)
     optimizer.init(model.params)
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 1]))
     step, seconds_before = 0, 0.0
 
-    if resume:
+    if state_meta is not None:
         try:
             model.params = {name: state_arrays[f"param/{name}"] for name in model.param_shapes}
             optimizer.load_state_dict(
@@ -398,17 +581,38 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
             raise TreeschedError(f"{out / STATE_FILE} is incomplete or corrupt: {error}") \
                 from None
         step, seconds_before = int(state_meta["step"]), float(state_meta["seconds"])
+    group.check_batch(config.batch)
+    # Every rank has read and checked what it needs (a rank that failed says
+    # so here, and every rank stops); from here on rank 0 alone writes.
+    group.agree()
+    ranks = group.run_description(model.params)
+    if group.is_root and resume:
         # drop log lines written after the checkpoint (the killed run's tail)
-        kept = [r for r in read_log(out / LOG_FILE) if r.get("step", 0) <= step]
+        # (a torn line anywhere is skipped and reported, never a reason to drop the rest)
+        records, torn = read_log_records(out / LOG_FILE)
+        torn_log_lines = describe_torn_lines(out / LOG_FILE, torn)
+        kept = [r for r in records if r["step"] <= step]
         write_text(out / LOG_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-        _write_run_config(out, config, model, data, {"backend": backend, "resumed_at": step})
-    else:
+        _write_run_config(out, config, model, data,
+                          {"backend": backend, "resumed_at": step, "run_id": run_id, **ranks})
+        if state_meta is not None and _model_step(out) != step:
+            # killed between writing the state and the model: the model file
+            # is the previous checkpoint's; make it this one's again
+            model.save(out / MODEL_FILE, metadata={"run_id": run_id, "step": step})
+    elif group.is_root:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TreeschedError(f"cannot create {out}: {error.strerror or error}") from None
         data.write_run_files(out)
-        _write_run_config(out, config, model, data, {"backend": backend})
+        _write_run_config(out, config, model, data, {"backend": backend, "run_id": run_id,
+                                                     **ranks})
         write_text(out / LOG_FILE, "")
 
     bar = Progress(config.steps, initial=step, label=config.task, stream=stream,
-                   enabled=progress, interval=progress_interval)
+                   enabled=progress and group.is_root, interval=progress_interval)
+    if torn_log_lines:
+        bar.message(torn_log_lines)
     if resume:
         bar.message(f"resuming {out} at step {step} of {config.steps} (backend {backend})")
     else:
@@ -417,18 +621,14 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
     held_out: dict = {}
     started = time.perf_counter()
     stopped_early = False
-    with open(out / LOG_FILE, "a") as log:
+    # ranks other than 0 log to nowhere: the loop stays one loop for every rank
+    with open(out / LOG_FILE if group.is_root else os.devnull, "a") as log:
         while step < config.steps:
             step_started = time.perf_counter()
-            batch = data.draw(rng, config.batch)
-            loss, grads, logits = model.loss_and_grads(batch.x, batch.targets)
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise TreeschedError(f"loss became {loss} at step {step + 1}: training diverged "
-                                     f"(try a smaller --lr)")
-            metrics = data.batch_metrics(loss, _host(logits), batch)
-            acc = metrics["accuracy"]
-            grad_norm = optimizer.step(model.params, grads)
+            batch = data.draw(rng, config.batch)   # every rank draws the whole batch
+            loss, grad_norm, logits = train_step(model, optimizer, batch, step + 1, group)
+            metrics = data.batch_metrics(loss, _host(logits), batch) if group.is_root else {}
+            acc = metrics.get("accuracy", float("nan"))
             step += 1
             step_seconds = time.perf_counter() - step_started
             evaluating = data.has_held_out and (step % eval_every == 0 or step == config.steps)
@@ -445,17 +645,25 @@ def train(config: TrainConfig | None, out, *, resume: bool = False, backend: str
             shown = {"loss": loss, **{name: value for name, value in {**metrics, **held_out}.items()
                                       if name in data.progress_fields}, "acc": acc}
             bar.update(step, **shown)
-            if step % checkpoint_every == 0 or step == config.steps:
+            checkpointing = step % checkpoint_every == 0 or step == config.steps
+            # SIGINT / SIGTERM during the step: finish it, checkpoint, stop
+            interrupted = (interrupts is not None and interrupts.requested is not None
+                           and step < config.steps)
+            group.check_replicas(model.params, step, force=checkpointing or interrupted)
+            if (checkpointing or interrupted) and group.is_root:
                 log.flush()
                 os.fsync(log.fileno())
-                model.save(out / MODEL_FILE)
-                save_state(out / STATE_FILE, model, optimizer, step, rng, seconds, config)
+                write_checkpoint(out, model, optimizer, step, rng, seconds, config, run_id)
+            if interrupted:
+                bar.close()
+                raise TrainingInterrupted(interrupts.requested, step=step, checkpoint_step=step,
+                                          out=out)
             if stop_at is not None and step >= stop_at and step < config.steps:
                 stopped_early = True
                 break
     bar.close()
     seconds = seconds_before + (time.perf_counter() - started)
-    if plot and not stopped_early:
+    if plot and not stopped_early and group.is_root:
         from .plots import plot_training_curve
         records = read_log(out / LOG_FILE)
         if records:

@@ -8,6 +8,7 @@ the text of an option), so every place says the same thing in the same words.
 from __future__ import annotations
 
 import numbers
+import re
 
 from .errors import TreeschedError
 
@@ -34,13 +35,19 @@ def positive_int(name: str, value, most: int | None = None) -> int:
     return checked_int(name, value, 1, most)
 
 
+# ASCII digits only: Python's int() also takes "1_000", full-width "\uff18"
+# and other Unicode decimal digits, which no option means.  At most 40
+# digits, so a pasted wall of digits is refused before it is converted.
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,40}")
+
+
 def parse_int(text, name: str, minimum: int = 1, most: int | None = None) -> int:
-    """The option text ``text`` as an integer in ``minimum .. most`` (``"12"``, not ``"1.5"``)."""
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise TreeschedError(f"{name} must be {_kind(minimum)}, got {text!r}") from None
-    return checked_int(name, value, minimum, most)
+    """The option text ``text`` as an integer in ``minimum .. most`` (``"12"``, not ``"1.5"``,
+    ``"1_000"`` or non-ASCII digits)."""
+    stripped = str(text).strip()
+    if _INTEGER_TEXT.fullmatch(stripped) is None:
+        raise TreeschedError(f"{name} must be {_kind(minimum)}, got {text!r}")
+    return checked_int(name, int(stripped), minimum, most)
 
 
 __all__ = ["checked_int", "positive_int", "parse_int"]
