@@ -8,25 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 import treesched.tasks as tasks_lib
+from cli_helpers import assert_one_line_error, run
 from treesched.cli.main import cli
 
 TINY = ["--hidden", "8", "--batch", "16", "--max-length", "10", "--backend", "numpy",
         "--quiet"]
 EVAL_TINY = ["--lengths", "41-60", "--stride", "10", "--samples", "8", "--eval-batch", "4",
              "--backend", "numpy", "--quiet"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import treesched.tasks as tasks_lib
+from cli_helpers import assert_one_line_error, run
 from treesched.cli.main import cli
 from treesched.results_table import FIGURE_FILE, JSON_FILE, MARKDOWN_FILE
 
@@ -21,19 +22,6 @@ def tiny_train(steps=6, hidden=8):
 
 TINY_TRAIN = tiny_train()
 TINY_EVAL = ["--lengths", "7-12", "--stride", "5", "--samples", "8", "--eval-batch", "4"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def sweep(out, *extra, seeds=2, lrs="1e-3,3e-3", task="parity_check"):
