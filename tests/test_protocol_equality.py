@@ -55,13 +55,14 @@ MAX_LENGTH = {"cycle_navigation": 3, "modular_arithmetic": 5, "bucket_sort": 3}
 NNCH_OUTPUT_LENGTH = {"cycle_navigation": lambda n: 1, "modular_arithmetic": lambda n: 1,
                       "bucket_sort": lambda n: n}
 # float32 on both sides, summed in different orders (XLA vs BLAS/Numba), and
-# the rounding differences compound over the steps: the worst case over the
-# 100 steps was ~4e-7 run alone and 2.2e-6 (a loss at step 79) in the full
-# suite of a fresh CI environment, on losses of ~1.5 and parameters of ~1.
-# The protocol changes this test must catch drift by 9e-3 to 0.16, and one
-# Adam step moves a parameter by up to 1e-3.
+# the rounding differences compound over the steps (Adam divides by the root
+# of small second moments, which magnifies them): the worst case over the 100
+# steps was ~4e-7 run alone, and 2.2e-6 on a loss and 1.25e-5 on a parameter
+# (bucket_sort, head/w, step 79) in the full suite of a fresh CI environment,
+# on losses of ~1.5 and parameters of ~1.  The protocol changes this test must
+# catch drift by 9e-3 to 0.16; one Adam step moves a parameter by up to 1e-3.
 LOSS_ATOL = 1e-5
-PARAM_ATOL = 1e-5
+PARAM_ATOL = 1e-4
 
 
 def _paper_training(data, task_name, initial):
