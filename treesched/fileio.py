@@ -145,6 +145,24 @@ def write_bytes(path, data: bytes, replace: bool = False) -> None:
         stream.write(data)
 
 
+def read_json(path, what: str = "", missing: str | None = None):
+    """The parsed JSON of the UTF-8 file ``path``, or a TreeschedError
+    ``"<what> <path> is unreadable or corrupt: <why>"``; with ``missing``, a
+    file that does not exist raises TreeschedError(``missing``) instead."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        if missing is not None:
+            raise TreeschedError(missing) from None
+        raise TreeschedError(f"{what + ' ' if what else ''}{path} is unreadable or corrupt: "
+                             f"{error}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TreeschedError(f"{what + ' ' if what else ''}{path} is unreadable or corrupt: "
+                             f"{error}") from None
+
+
 def read_npz(path, what: str) -> dict:
     """Every array of an ``.npz`` (no pickles), or a TreeschedError naming
     ``what`` (e.g. "checkpoint") and why it cannot be read."""

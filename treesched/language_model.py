@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import TreeschedError
-from .fileio import write_text
+from .fileio import read_json, write_text
 from .tasks.base import one_hot
 from .training_data import Batch, TrainingData
 
@@ -144,11 +144,7 @@ class Vocabulary:
         path = Path(path)
         if not path.is_file():
             raise TreeschedError(f"vocabulary {path} does not exist")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise TreeschedError(f"vocabulary {path} is unreadable or corrupt: {error}") \
-                from None
+        data = read_json(path, "vocabulary")
         if not isinstance(data, dict) or data.get("format") != VOCABULARY_FORMAT:
             raise TreeschedError(f"{path} is not a treesched vocabulary")
         if data.get("version") != VOCABULARY_VERSION:

@@ -39,7 +39,7 @@ import numpy as np
 from . import tasks as tasks_lib
 from .errors import TreeschedError
 from .evaluation import METRICS_FILE, METRICS_FORMAT
-from .fileio import write_text
+from .fileio import read_json, write_text
 from .language_model import LM_TASK
 from .sweep import SWEEP_FILE, read_sweep
 from .training import CONFIG_FILE, LOG_FILE, STATE_FILE, load_state, read_log, read_run_config
@@ -106,10 +106,7 @@ def load_evaluated_run(folder) -> EvaluatedRun:
     if not path.is_file():
         raise TreeschedError(f"run {folder} has not been evaluated (no {METRICS_FILE}): run "
                              f"`treesched eval {folder}` first")
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TreeschedError(f"{path} is unreadable or corrupt: {error}") from None
+    metrics = read_json(path)
     if not isinstance(metrics, dict) or metrics.get("format") != METRICS_FORMAT:
         raise TreeschedError(f"{path} is not a treesched metrics file")
     try:

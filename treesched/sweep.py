@@ -42,7 +42,7 @@ import numpy as np
 from . import tasks as tasks_lib
 from .errors import TreeschedError
 from .evaluation import METRICS_FILE, check_lengths, evaluate_run
-from .fileio import write_text
+from .fileio import read_json, write_text
 from .language_model import LM_TASK
 from .training import (PROTOCOL_FIELDS, STATE_FILE, TrainConfig, load_state, read_run_config,
                        train)
@@ -288,12 +288,7 @@ def _summary_lines(task: str, summary: list[dict]) -> list[str]:
 def read_sweep(folder) -> dict:
     """The parsed ``sweep.json`` of a sweep folder, or a TreeschedError."""
     path = Path(folder) / SWEEP_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TreeschedError(f"{folder} is not a sweep: it has no {SWEEP_FILE}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TreeschedError(f"{path} is unreadable or corrupt: {error}") from None
+    data = read_json(path, missing=f"{folder} is not a sweep: it has no {SWEEP_FILE}")
     if not isinstance(data, dict) or data.get("format") != SWEEP_FORMAT \
             or not isinstance(data.get("runs"), list):
         raise TreeschedError(f"{path} is not a treesched sweep summary")

@@ -52,7 +52,7 @@ import numpy as np
 from . import tasks as tasks_lib
 from .distributed import ProcessGroup, world
 from .errors import DivergenceError, TreeschedError
-from .fileio import read_npz, remove_orphan_temporaries, write_bytes, write_text
+from .fileio import read_json, read_npz, remove_orphan_temporaries, write_bytes, write_text
 from .interrupts import DeferredInterrupts, TrainingInterrupted
 from .language_model import DEFAULT_CONTEXT, LM_TASK, NextCharacterData
 from .memory import check_pass_fits
@@ -231,10 +231,7 @@ def read_run_config(folder) -> dict:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise TreeschedError(f"{folder} is not a treesched run: it has no {CONFIG_FILE}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TreeschedError(f"{path} is unreadable or corrupt: {error}") from None
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
         raise TreeschedError(f"{folder} is not a treesched run: {path} is not a run configuration")
     if data.get("version") != RUN_VERSION:
